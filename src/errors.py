@@ -1,0 +1,12 @@
+"""The one exception type for mistakes a user can make (bad config, missing file, ...).
+
+Command-line entry points print its message without a traceback and exit with status 2.
+"""
+
+
+class SLMError(Exception):
+    """An error the user can fix; the message says what is wrong and how to fix it."""
+
+
+class ConfigError(SLMError):
+    """A config file or override that does not validate; lists every problem at once."""

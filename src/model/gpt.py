@@ -1,0 +1,316 @@
+"""A GPT language model in one file: GPT-2's architecture by default, modern options by switch.
+
+    from src.training.config import load_config
+    from src.model.gpt import GPT
+    model = GPT(load_config("configs/tiny.yaml").model)
+    logits, loss = model(idx, targets)          # idx, targets: (B, T) token ids
+
+Defaults reproduce GPT-2 (learned positions, LayerNorm, GELU, tied embeddings, biases), so the
+124M/350M/774M/1.5B configs have GPT-2's parameter counts and export exactly to `transformers`.
+Switches: `pos_emb: rope`, `norm: rmsnorm`, `qk_norm: true`, `mlp: swiglu | relu2`,
+`tie_embeddings: false`, `bias: false`. Attention runs through `scaled_dot_product_attention`
+(flash attention on GPUs that have it). Generation uses a KV cache (`generate`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class GPTConfig(BaseModel):
+    """The model's shape. Also the `model:` section of a training config."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    n_layer: int = Field(12, ge=1, description="number of transformer blocks")
+    n_head: int = Field(12, ge=1, description="attention heads per block")
+    n_embd: int = Field(768, ge=1, description="width of the residual stream")
+    block_size: int = Field(1024, ge=2, description="longest sequence the model can read")
+    vocab_size: int | None = Field(
+        None, ge=2, description="token ids the model accepts; empty = the tokenizer's size"
+    )
+    pad_vocab_multiple: int = Field(
+        64, ge=1, description="embedding rows rounded up to this multiple (faster matmuls)"
+    )
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
+    bias: bool = Field(True, description="biases in linear layers and norms (GPT-2: true)")
+    pos_emb: Literal["learned", "rope"] = Field("learned", description="position encoding")
+    rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency")
+    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="normalisation")
+    qk_norm: bool = Field(False, description="RMS-normalise queries and keys per head")
+    mlp: Literal["gelu", "swiglu", "relu2"] = Field("gelu", description="feed-forward type")
+    mlp_ratio: float = Field(4.0, gt=0, description="feed-forward width / n_embd")
+    tie_embeddings: bool = Field(True, description="share token embedding and output head")
+    init_std: float = Field(0.02, gt=0, description="std of the normal weight init")
+    grad_checkpoint: bool = Field(
+        False, description="recompute activations in backward (less memory, ~30% slower)"
+    )
+    init_from: str | None = Field(
+        None, description="start from weights: gpt2, gpt2-medium, gpt2-large, gpt2-xl or a path"
+    )
+
+    @model_validator(mode="after")
+    def _check_shape(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("pos_emb: rope needs an even head size (n_embd / n_head)")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def padded_vocab(self) -> int:
+        if self.vocab_size is None:
+            raise ValueError("model.vocab_size is not set (it comes from the tokenizer)")
+        m = self.pad_vocab_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    @property
+    def mlp_hidden(self) -> int:
+        h = int(self.mlp_ratio * self.n_embd)
+        if self.mlp == "swiglu":  # two input matrices: keep the parameter count of a 2-matrix MLP
+            h = (2 * h // 3 + 63) // 64 * 64
+        return h
+
+
+def _norm(cfg: GPTConfig, dim: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, bias=cfg.bias, eps=1e-5)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, H, T, D); cos/sin: (T, D/2). Rotate pairs (first half, second half).
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).type_as(x)
+
+
+class KVCache:
+    """Keys and values of every layer for generation: prefill once, then one token per step."""
+
+    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.n_layer, 2, batch, cfg.n_head, max_len, cfg.head_dim)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # tokens already cached
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        t = k.size(2)
+        self.kv[layer, 0, :, :, self.pos : self.pos + t] = k
+        self.kv[layer, 1, :, :, self.pos : self.pos + t] = v
+        end = self.pos + t
+        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_scale = True
+        if cfg.qk_norm:
+            self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
+            self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
+
+    def forward(self, x, rope=None, cache: KVCache | None = None):
+        B, T, C = x.shape
+        H, D = self.cfg.n_head, self.cfg.head_dim
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = _rope(q, *rope), _rope(k, *rope)
+        causal = True
+        if cache is not None:
+            if cache.pos > 0 and T > 1:
+                raise ValueError("KV cache: prefill must start from an empty cache")
+            k, v = cache.update(self.layer, k, v)
+            causal = T > 1  # a single new token attends to everything before it
+        drop = self.cfg.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=causal)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.kind, h = cfg.mlp, cfg.mlp_hidden
+        self.c_fc = nn.Linear(cfg.n_embd, 2 * h if cfg.mlp == "swiglu" else h, bias=cfg.bias)
+        self.c_proj = nn.Linear(h, cfg.n_embd, bias=cfg.bias)
+        self.c_proj.residual_scale = True
+
+    def forward(self, x):
+        x = self.c_fc(x)
+        if self.kind == "gelu":
+            x = F.gelu(x, approximate="tanh")  # GPT-2's gelu_new
+        elif self.kind == "relu2":
+            x = F.relu(x).square()
+        else:
+            a, b = x.chunk(2, dim=-1)
+            x = F.silu(a) * b
+        return self.c_proj(x)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.ln_1, self.attn = _norm(cfg, cfg.n_embd), Attention(cfg, layer)
+        self.ln_2, self.mlp = _norm(cfg, cfg.n_embd), MLP(cfg)
+
+    def forward(self, x, rope=None, cache=None):
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        V = cfg.padded_vocab
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(V, cfg.n_embd),
+                drop=nn.Dropout(cfg.dropout),
+                h=nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer)),
+                ln_f=_norm(cfg, cfg.n_embd),
+            )
+        )
+        if cfg.pos_emb == "learned":
+            self.transformer["wpe"] = nn.Embedding(cfg.block_size, cfg.n_embd)
+        else:
+            inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).float() / cfg.head_dim)
+            freqs = torch.outer(torch.arange(cfg.block_size).float(), inv)  # (T, D/2)
+            self.register_buffer("rope_cos", freqs.cos(), persistent=False)
+            self.register_buffer("rope_sin", freqs.sin(), persistent=False)
+        self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+        if self.transformer.wte.weight.device.type != "meta":
+            self.apply(self._init_weights)
+
+    def _init_weights(self, m: nn.Module):
+        std = self.cfg.init_std
+        if isinstance(m, nn.Linear):
+            if getattr(m, "residual_scale", False):  # GPT-2: scale residual projections
+                std = std / math.sqrt(2 * self.cfg.n_layer)
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6 * N (matmul weights) + 12 * L * T * C (attention scores).
+
+        N counts the non-embedding weights plus the output head (the token-embedding lookup costs
+        no FLOPs); the attention term is PaLM's appendix-B estimate; forward+backward = 3x forward.
+        """
+        cfg, T = self.cfg, seq_len or self.cfg.block_size
+        skip = ("transformer.wte.", "transformer.wpe.", "lm_head.")
+        n = sum(p.numel() for k, p in self.named_parameters() if p.dim() >= 2 and not k.startswith(skip))
+        n += self.lm_head.weight.numel()
+        return 6.0 * n + 12.0 * cfg.n_layer * T * cfg.n_embd
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None):
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens > block_size {self.cfg.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.cfg.pos_emb == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            if self.cfg.grad_checkpoint and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.transformer.ln_f(x)
+        logits = self.lm_head(x)  # (B, T, V_padded)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
+            )
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ):
+        """Continue each row of idx (B, T) by max_new_tokens tokens; yields (B, 1) per step.
+
+        temperature 0 is greedy. With use_cache the prompt is run once (prefill) and each new
+        token costs one position; the window is the model's block_size (longer prompts keep
+        their tail). Output with and without the cache is the same.
+        """
+        V = self.cfg.vocab_size or self.cfg.padded_vocab
+        idx = idx[:, -self.cfg.block_size :]
+        cache = None
+        if use_cache:
+            total = min(self.cfg.block_size, idx.size(1) + max_new_tokens)
+            dtype = self.transformer.wte.weight.dtype
+            cache = KVCache(self.cfg, idx.size(0), total, idx.device, dtype)
+        x = idx
+        for _ in range(max_new_tokens):
+            if cache is not None and cache.pos + x.size(1) > cache.max_len:
+                # window full: start a fresh cache over the last block_size - 1 tokens
+                idx = idx[:, -(self.cfg.block_size - 1) :]
+                cache.pos, x = 0, idx
+            if cache is None:
+                x = idx[:, -self.cfg.block_size :]
+            logits, _ = self(x, cache=cache)
+            logits = logits[:, -1, :V].float()
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            idx = torch.cat((idx, nxt), dim=1)
+            x = nxt
+            yield nxt
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """Pick the next token (B, 1) from logits (B, V)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sp, si = probs.sort(dim=-1, descending=True)
+        drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix whose mass reaches top_p
+        sp = sp.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, si, sp)
+    return torch.multinomial(probs, 1, generator=generator)

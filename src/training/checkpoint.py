@@ -1,0 +1,97 @@
+"""Checkpoints: atomic writes, newest-first discovery, safe loading, pruning.
+
+A checkpoint is a dict of tensors and plain values only, loaded with
+`torch.load(weights_only=True)`: a file can never run code when it is opened.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from src.errors import SLMError
+
+_STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+
+
+def save(state: dict, path: str | Path) -> Path:
+    """Write to a temporary name, fsync, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise SLMError(
+            f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoints are "
+            "intact. Free disk space (or point --data-root elsewhere) and re-run to resume"
+        ) from None
+    return path
+
+
+def load(path: str | Path, map_location="cpu") -> dict:
+    """Load a checkpoint without running code; clear errors for damaged or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise SLMError(f"checkpoint {path} does not exist")
+    try:
+        d = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError (zip), EOFError, ...
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            why = "it contains Python objects other than tensors, which slm refuses to unpickle"
+        raise SLMError(f"{path} is not a usable checkpoint: {why}") from None
+    if not isinstance(d, dict) or "model_state_dict" not in d:
+        raise SLMError(f"{path} is not an slm checkpoint (no model_state_dict)")
+    return d
+
+
+def step_files(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """step_N.pt files in a run folder, oldest first."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in run_dir.iterdir() if (m := _STEP_RE.match(p.name))]
+    return sorted(found)
+
+
+def candidates(run_dir: str | Path) -> list[Path]:
+    """Checkpoints to resume from, newest first (final.pt counts as the newest)."""
+    run_dir = Path(run_dir)
+    out = [p for _, p in reversed(step_files(run_dir))]
+    if (run_dir / "final.pt").is_file():
+        out.insert(0, run_dir / "final.pt")
+    return out
+
+
+def find_resumable(run_dir: str | Path, log=print) -> tuple[Path, dict] | None:
+    """The newest checkpoint that loads; damaged ones are reported and skipped."""
+    for p in candidates(run_dir):
+        try:
+            return p, load(p)
+        except SLMError as e:
+            log(f"warning: skipping {p.name}: {e}")
+    return None
+
+
+def prune(run_dir: str | Path, keep_last: int) -> None:
+    for _, p in step_files(run_dir)[:-keep_last]:
+        p.unlink(missing_ok=True)
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """--resume never: keep the old run under a new name instead of deleting it."""
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    dest = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.rename(dest)
+    return dest

@@ -1,0 +1,292 @@
+"""Typed, validated run configuration: `load_config(path)` -> Config.
+
+    python -c "from src.training.config import load_config; load_config('configs/tiny.yaml')"
+
+A config has a top-level `name` (the run name; defaults to the file's stem) and five sections:
+`model` (the GPT's shape), `data`, `training`, `modal`, `wandb`. Unknown keys, wrong types and
+impossible values are refused with ONE `ConfigError` that lists every problem by key path.
+Any key can be overridden with dotted paths: `load_config(p, ["training.learning_rate=3e-4"])`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from src.errors import ConfigError, SLMError
+from src.model.gpt import GPTConfig
+
+# Vocab sizes of the fixed tokenizers (including the end-of-text token).
+FIXED_VOCAB = {"gpt2": 50257, "bytes": 257}
+GPU_TYPES = ("T4", "L4", "A10", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H200", "B200")
+_GPU_RE = re.compile(r"^(?P<type>[A-Za-z0-9-]+?)(?::(?P<count>\d+))?$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: str = Field(
+        "python-stdlib",
+        description="python-stdlib (embedded), a preset name, a file/folder, a URL, or hf:<repo>",
+    )
+    val_source: str | None = Field(None, description="separate validation text (else a split)")
+    val_fraction: float = Field(0.05, gt=0, lt=1, description="share of documents for validation")
+    tokenizer: Literal["bpe", "bytes", "char", "gpt2"] = Field("bpe", description="tokenizer kind")
+    vocab_size: int = Field(4096, ge=258, description="vocab of a trained bpe tokenizer")
+    tokenizer_sample_bytes: int = Field(
+        50_000_000, ge=1000, description="text sampled to train a bpe tokenizer"
+    )
+    shard_tokens: int = Field(100_000_000, ge=1024, description="tokens per shard file")
+    split: str = Field("train", description="Hugging Face split to read")
+    text_field: str = Field("text", description="field holding the text in jsonl/parquet/hf rows")
+    num_workers: int = Field(0, ge=0, description="tokenizer processes (0 = one per core)")
+
+
+class TrainingConfig(_Section):
+    batch_size: int = Field(8, ge=1, description="sequences per device per micro-step")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-steps per optimizer step")
+    batch_tokens: int | None = Field(
+        None, ge=1, description="global tokens per optimizer step; sets gradient accumulation"
+    )
+    seq_len: int | None = Field(None, ge=2, description="training sequence length (<= block_size)")
+    max_steps: int = Field(1000, ge=1, description="optimizer steps to train")
+    max_tokens: int | None = Field(None, ge=1, description="stop after this many tokens")
+    max_seconds: float | None = Field(None, gt=0, description="wall-clock budget in seconds")
+    learning_rate: float = Field(6e-4, gt=0, le=1.0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr / peak lr")
+    warmup_steps: int = Field(100, ge=0, description="linear warmup steps")
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = Field("cosine")
+    decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: share of the run spent decaying")
+    optimizer: Literal["adamw", "muon"] = Field("adamw", description="muon: Muon for matrices")
+    muon_lr: float = Field(0.02, gt=0, description="muon: learning rate of the matrix weights")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0 = off)")
+    eval_every: int = Field(250, ge=1, description="steps between evaluations")
+    eval_tokens: int = Field(262_144, ge=1, description="validation tokens per evaluation")
+    log_every: int = Field(10, ge=1, description="steps between metric lines")
+    checkpoint_every: int = Field(1000, ge=1, description="steps between checkpoints")
+    keep_last: int = Field(3, ge=1, description="step_N.pt files kept")
+    num_samples: int = Field(2, ge=0, description="text samples generated at each evaluation")
+    sample_tokens: int = Field(160, ge=1, description="tokens per sample")
+    sample_prompt: str = Field("", description="prompt for samples ('' = start of a document)")
+    seed: int = Field(1337, description="seed of weights, data order and sampling")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto = bf16 autocast on GPUs that have it, fp16 otherwise, fp32 on CPU"
+    )
+    compile: bool = Field(True, description="torch.compile on CUDA (CPU/MPS stay eager)")
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
+    parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="multi-GPU strategy")
+    skip_nonfinite: bool = Field(False, description="skip a step whose loss/grads are NaN/Inf")
+
+
+class ModalConfig(_Section):
+    gpu: str = Field("T4", description="Modal GPU: T4, L4, A10, A100-40GB, A100-80GB, H100, ...:N")
+    timeout: int = Field(43200, ge=60, le=86400, description="seconds per attempt (max 24 h)")
+    retries: int = Field(10, ge=0, le=10, description="restarts after preemption or a crash")
+    max_cost_usd: float | None = Field(None, gt=0, description="stop cleanly at this spend")
+    cpu: float = Field(8.0, gt=0, description="CPU cores for the training container")
+    memory: int = Field(32768, ge=1024, description="MiB of RAM for the training container")
+    nodes: int = Field(1, ge=1, description="multi-node (beta): containers of the GPU kind")
+
+    @field_validator("gpu")
+    @classmethod
+    def _gpu(cls, v: str) -> str:
+        parse_gpu(v)
+        return v
+
+
+class WandbConfig(_Section):
+    project: str = Field("slm-from-scratch")
+    entity: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "online"
+    group: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    log_model: bool = Field(True, description="upload final/best checkpoints as artifacts")
+
+
+class Config(_Section):
+    name: str = Field("run", description="run name: checkpoints/<name>/, models/<name>_final.pt")
+    model: GPTConfig = Field(default_factory=GPTConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    modal: ModalConfig = Field(default_factory=ModalConfig)
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError("use letters, digits, '.', '_' and '-' (it names folders)")
+        return v
+
+    @property
+    def seq_len(self) -> int:
+        return self.training.seq_len or self.model.block_size
+
+    def grad_accum(self, world_size: int = 1) -> int:
+        """Micro-steps per optimizer step on each rank (from batch_tokens when it is set)."""
+        t = self.training
+        if t.batch_tokens is None:
+            return t.gradient_accumulation_steps
+        per_micro = t.batch_size * self.seq_len * world_size
+        return max(1, t.batch_tokens // per_micro)
+
+    def tokens_per_step(self, world_size: int = 1) -> int:
+        return self.grad_accum(world_size) * self.training.batch_size * self.seq_len * world_size
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+def parse_gpu(gpu: str) -> tuple[str, int]:
+    """'H100:8' -> ('H100', 8). Refuses GPU kinds Modal does not offer."""
+    m = _GPU_RE.match(gpu.strip())
+    kind = m and m["type"].upper()
+    if not m or kind not in GPU_TYPES:
+        near = difflib.get_close_matches(gpu.split(":")[0].upper(), GPU_TYPES, n=1)
+        hint = f" (did you mean {near[0]}?)" if near else ""
+        raise ValueError(f"unknown GPU '{gpu}'{hint}; use one of {', '.join(GPU_TYPES)}, with :N for N GPUs")
+    n = int(m["count"] or 1)
+    if not 1 <= n <= 8:
+        raise ValueError(f"GPU count {n} in '{gpu}': Modal gives 1 to 8 GPUs per container")
+    return kind, n
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _parse_value(text: str) -> Any:
+    """A command-line value, typed the way YAML would type it ('3e-4' is a float)."""
+    if re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", text.strip()):
+        return float(text)
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides) -> dict:
+    """Set dotted keys in a raw config dict: ['training.learning_rate=3e-4'] or a dict."""
+    items = overrides.items() if isinstance(overrides, dict) else []
+    if not isinstance(overrides, dict):
+        parsed = []
+        for o in overrides or []:
+            if "=" not in o:
+                raise ConfigError(f"override '{o}' must look like section.key=value")
+            k, v = o.split("=", 1)
+            parsed.append((k.strip(), _parse_value(v)))
+        items = parsed
+    for key, value in items:
+        parts = key.split(".")
+        node = raw
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"override {key}: '{p}' is not a section")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return raw
+
+
+def _describe(err: dict, model_cls: type[BaseModel]) -> str:
+    loc = ".".join(str(x) for x in err["loc"])
+    kind, msg = err["type"], err["msg"]
+    if kind == "extra_forbidden":
+        parent = model_cls
+        for part in err["loc"][:-1]:
+            field = parent.model_fields.get(str(part)) if isinstance(parent, type) else None
+            ann = field.annotation if field else None
+            parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        allowed = sorted(parent.model_fields) if parent else []
+        near = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        return f"{loc}: unknown key ({hint}allowed: {', '.join(allowed)})"
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    got = err.get("input")
+    if kind != "missing" and not isinstance(got, dict):
+        msg += f" (got {got!r})"
+    return f"{loc or '(top level)'}: {msg}"
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    """Problems that involve more than one key."""
+    errs = []
+    m, d, t = cfg.model, cfg.data, cfg.training
+    if t.seq_len and t.seq_len > m.block_size:
+        errs.append(
+            f"training.seq_len: {t.seq_len} is longer than model.block_size {m.block_size}; "
+            "lower seq_len or raise block_size"
+        )
+    tok_vocab = FIXED_VOCAB.get(d.tokenizer, d.vocab_size if d.tokenizer == "bpe" else None)
+    if d.tokenizer == "gpt2" and "vocab_size" in d.model_fields_set:
+        errs.append("data.vocab_size: the gpt2 tokenizer has a fixed vocab of 50257; remove the key")
+    if m.vocab_size is not None and tok_vocab is not None and m.vocab_size < tok_vocab:
+        errs.append(
+            f"model.vocab_size: {m.vocab_size} is smaller than the {d.tokenizer} tokenizer's "
+            f"{tok_vocab} tokens; remove model.vocab_size or set it to at least {tok_vocab}"
+        )
+    if d.tokenizer == "bytes" and "vocab_size" in d.model_fields_set:
+        errs.append("data.vocab_size: the bytes tokenizer has a fixed vocab of 257; remove the key")
+    return errs
+
+
+def validate_config(raw: dict, source: str = "config") -> Config:
+    """Validate a raw dict; raise one ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe(err, Config) for err in e.errors()]
+        raise ConfigError(f"{source}: {len(lines)} problem(s)\n  " + "\n  ".join(lines)) from None
+    errs = _cross_checks(cfg)
+    if errs:
+        raise ConfigError(f"{source}: {len(errs)} problem(s)\n  " + "\n  ".join(errs))
+    if cfg.model.vocab_size is None:
+        v = FIXED_VOCAB.get(cfg.data.tokenizer)
+        if cfg.data.tokenizer == "bpe":
+            v = cfg.data.vocab_size
+        if v is not None:  # char: known once the corpus is read
+            cfg.model.vocab_size = v
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        shipped = sorted(x.name for x in Path("configs").glob("*.yaml")) if Path("configs").is_dir() else []
+        extra = f"; shipped configs: {', '.join('configs/' + s for s in shipped)}" if shipped else ""
+        raise SLMError(f"config file not found: {path}{extra}")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {what}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected sections (model:, data:, training:, ...) at top level")
+    raw.setdefault("name", p.stem)
+    return raw
+
+
+def load_config(path: str | Path, overrides=None) -> Config:
+    """Read, override and validate a YAML config. Raises ConfigError listing every problem."""
+    raw = apply_overrides(read_yaml(path), overrides)
+    return validate_config(raw, str(path))
+
+
+def config_from_dict(d: dict) -> Config:
+    """Rebuild a Config saved in a checkpoint (already validated once)."""
+    return validate_config(dict(d), "checkpoint config")
