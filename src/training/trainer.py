@@ -231,7 +231,6 @@ def train(
     start over) or a checkpoint path. on_checkpoint(path) is called after each save (Modal
     commits its volume there). Raises Interrupted after saving on SIGTERM/SIGINT.
     """
-    t0 = time.time()
     t = cfg.training
     ctx = dist.setup(device)
     rank, world, master = ctx.rank, ctx.world_size, ctx.rank == 0
@@ -264,14 +263,14 @@ def train(
             state = ckpt.load(state_path)
     try:
         return _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb,
-                      on_checkpoint, say, t0)
+                      on_checkpoint, say)
     finally:
         if lock:
             lock.release()
         dist.teardown()
 
 
-def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_checkpoint, say, t0):
+def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_checkpoint, say):
     t = cfg.training
     rank, world, master = ctx.rank, ctx.world_size, ctx.rank == 0
 
@@ -380,8 +379,8 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             on_checkpoint(path)
         return path
 
-    start = time.time()
-    elapsed = lambda: elapsed_before + (time.time() - t0)  # noqa: E731
+    start = time.time()  # the budget counts training time (data preparation excluded)
+    elapsed = lambda: elapsed_before + (time.time() - start)  # noqa: E731
     last_val = {}
     p_start = progress(step, tokens, elapsed())
     if p_start >= 1.0 and state is not None:
