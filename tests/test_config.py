@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import yaml
-
 from conftest import ROOT
+
 from src.errors import ConfigError, SLMError
 from src.training.config import load_config, parse_gpu
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from src.model.gpt import GPT, GPTConfig
 from src.training.config import load_config
 

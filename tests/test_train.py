@@ -11,8 +11,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import ROOT, fast_args, run_cli
+
 from src.errors import SLMError
 from src.training import checkpoint as ckpt
 from src.training.trainer import train
@@ -197,3 +197,16 @@ def test_crafted_pickle_is_refused_without_running_code(tmp_path):
     r = run_cli("sample", tmp_path / "evil.pt")
     assert r.returncode == 2 and "refuses to unpickle" in r.stderr
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_continuing_from_a_checkpoint_is_exact(fast_cfg, tmp_path, optimizer):
+    """Training on from step_4.pt in a fresh folder ends where the uninterrupted run ended."""
+    cfg = fast_cfg(**{"training.max_steps": 8, "training.optimizer": optimizer})
+    train(cfg, data_root=tmp_path / "a", use_wandb=False, log=lambda *a: None)
+    train(cfg, data_root=tmp_path / "b", use_wandb=False, log=lambda *a: None,
+          resume=str(tmp_path / "a/checkpoints/tiny/step_4.pt"))
+    wa, wb = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    first = ckpt.load(tmp_path / "a/checkpoints/tiny/step_4.pt")["model_state_dict"]
+    assert not all(torch.equal(first[k], wa[k]) for k in wa)  # and training did move the weights

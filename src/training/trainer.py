@@ -216,6 +216,15 @@ def make_samples(model, tok, cfg: Config, device, step: int) -> list[dict]:
     return out
 
 
+def _nonfinite_error(step: int, run_dir: Path, at_or_before: bool = False) -> SLMError:
+    when = f"at or before step {step}" if at_or_before else f"at step {step}"
+    return SLMError(
+        f"loss or gradients became NaN/Inf {when}; stopped without saving, so the last good "
+        f"checkpoint in {run_dir} is kept. Lower training.learning_rate, check the data, or set "
+        "training.skip_nonfinite: true to skip such steps"
+    )
+
+
 def train(
     cfg: Config,
     data_root: str | Path = "data",
@@ -233,7 +242,7 @@ def train(
     """
     t = cfg.training
     ctx = dist.setup(device)
-    rank, world, master = ctx.rank, ctx.world_size, ctx.rank == 0
+    world, master = ctx.world_size, ctx.rank == 0
     dev = ctx.device if ctx.device is not None else resolve_device(device)
     say = log if master else (lambda *a, **k: None)
     if t.threads and dev.type == "cpu":
@@ -390,6 +399,7 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
         model_path = Path(data_root) / "models" / f"{cfg.name}_final.pt"
         return Result(run_dir, state_path, model_path, step, tokens, None, None)
     win_tokens, win_start = 0, time.time()
+    bad_seen = torch.zeros((), dtype=torch.bool, device=dev) if dev.type == "cuda" else None
     model.train()
     with _Signals() as sig:
         while progress(step, tokens, elapsed()) < 1.0:
@@ -406,9 +416,11 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             if scaler:
                 scaler.unscale_(optimizer)
             gnorm = dist.clip_grad_norm(model, t.grad_clip, ctx)
-            finite = torch.isfinite(loss_sum) & torch.isfinite(gnorm)
-            if not bool(finite):  # a sync, but only a bool; NaN guard is worth it
-                dist.all_reduce_sum(loss_sum)
+            # fp16's scaler skips steps with overflowing gradients itself; a NaN loss is ours
+            finite = torch.isfinite(loss_sum) if scaler else torch.isfinite(loss_sum) & torch.isfinite(gnorm)
+            if dev.type == "cuda" and not t.skip_nonfinite:
+                bad_seen |= ~finite  # checked at log/eval/checkpoint steps: no per-step sync
+            elif not bool(finite):
                 if t.skip_nonfinite:
                     optimizer.zero_grad(set_to_none=True)
                     say(f"warning: non-finite loss/gradients at step {step + 1}; update skipped")
@@ -416,11 +428,7 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
                     tokens += tokens_per_step
                     metrics.log({"step": step, "skipped_nonfinite": 1})
                     continue
-                raise SLMError(
-                    f"loss or gradients became NaN/Inf at step {step + 1}; the last good "
-                    f"checkpoint in {run_dir} is kept. Lower training.learning_rate, check the "
-                    "data, or set training.skip_nonfinite: true"
-                )
+                raise _nonfinite_error(step + 1, run_dir)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -432,6 +440,10 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             win_tokens += tokens_per_step
 
             last = progress(step, tokens, elapsed()) >= 1.0
+            boundary = last or step % t.log_every == 0 or step % t.eval_every == 0 or (
+                step % t.checkpoint_every == 0) or sig.got is not None
+            if bad_seen is not None and boundary and bool(bad_seen):
+                raise _nonfinite_error(step, run_dir, at_or_before=True)
             if step % t.log_every == 0 or last or step == 1:
                 dist.all_reduce_sum(loss_sum)
                 now = time.time()
