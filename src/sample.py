@@ -109,9 +109,10 @@ def complete(model, tok, prompts: Sequence[str], max_new_tokens=200, temperature
 
 
 def print_samples(path, prompt="", n=1, max_new_tokens=200, temperature=0.8, top_k=200,
-                  top_p=None, seed=None, device="cpu", stop=None, out=sys.stdout, batch_size=8,
+                  top_p=None, seed=None, device="cpu", stop=None, out=None, batch_size=8,
                   stop_at_eot=True):
-    """Print n samples for each prompt (a string or a list of them)."""
+    """Print n samples for each prompt (a string or a list of them) to out (stdout)."""
+    out = out or sys.stdout
     model, tok, _ = load_model(path, device)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt or [""])
     stops = [stop] if isinstance(stop, str) else list(stop or [])
