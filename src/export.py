@@ -123,8 +123,9 @@ def tiktoken_to_tokenizers(enc, eot: str = EOT):
     def last_merge(token: bytes, rank: int):
         parts = [bytes([x]) for x in token]  # replay BPE with merges ranked below this token's
         while len(parts) > 2:
-            best = min(range(len(parts) - 1), key=lambda i: ranks.get(parts[i] + parts[i + 1], rank))
-            if ranks.get(parts[best] + parts[best + 1], rank) >= rank:
+            merged = [ranks.get(parts[i] + parts[i + 1], rank) for i in range(len(parts) - 1)]
+            best = min(range(len(merged)), key=merged.__getitem__)
+            if merged[best] >= rank:
                 break
             parts[best : best + 2] = [parts[best] + parts[best + 1]]
         return parts
@@ -209,7 +210,8 @@ def read_safetensors(path, weights: bool = True):
         meta = json.loads(side.read_text())
     except (OSError, ValueError) as e:
         raise SLMError(f"{path}: its config {side} is missing or unreadable ({e}); keep the "
-                       ".json written by `slm export --to safetensors` beside the weights") from None
+                       ".json written by `slm export --to safetensors` beside the weights"
+                       ) from None
     if meta.get("format") != SAFETENSORS_FORMAT:
         raise SLMError(f"{side}: not written by `slm export --to safetensors`")
     sd = None

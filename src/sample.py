@@ -46,8 +46,8 @@ def encode_prompts(tok, prompts: Sequence[str], device="cpu"):
     rows = [[tok.eot_id] + (tok.encode(p) if p else []) for p in prompts]
     width = max(len(r) for r in rows)
     pad = [width - len(r) for r in rows]
-    idx = torch.tensor([[tok.eot_id] * n + r for n, r in zip(pad, rows, strict=True)], device=device)
-    return idx, torch.tensor(pad, device=device)
+    idx = [[tok.eot_id] * n + r for n, r in zip(pad, rows, strict=True)]
+    return torch.tensor(idx, device=device), torch.tensor(pad, device=device)
 
 
 def _held_back(text: str, stops: Sequence[str]) -> int:

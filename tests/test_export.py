@@ -42,7 +42,9 @@ def make_tokenizer(kind):
 
 def save_checkpoint(path, tok, seed=0, **model):
     """An slm checkpoint holding a tiny model with random (non-zero) weights everywhere."""
-    data = {"tokenizer": tok.kind} if tok.kind != "bpe" else {"tokenizer": "bpe", "vocab_size": tok.vocab_size}
+    data = {"tokenizer": tok.kind}
+    if tok.kind == "bpe":
+        data["vocab_size"] = tok.vocab_size
     cfg = validate_config({"name": "t", "data": data, "model": {
         "n_layer": 2, "n_head": 2, "n_embd": 64, "block_size": 32,
         "vocab_size": tok.vocab_size, **model}})
@@ -152,7 +154,8 @@ def test_tiktoken_encodings_convert_to_the_same_tokens():
     # token reachable from two earlier ones as in a trained BPE
     order = torch.randperm(256, generator=torch.Generator().manual_seed(0)).tolist()
     ranks = {bytes([b]): i for i, b in enumerate(order)}
-    for word in ["re", "tu", "rn", "ret", "urn", "retu", "return", " r", " x", "de", "def", " def", "  "]:
+    words = ["re", "tu", "rn", "ret", "urn", "retu", "return", " r", " x", "de", "def", " def"]
+    for word in [*words, "  "]:
         ranks.setdefault(word.encode(), len(ranks))
     pat = (r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
     enc = tiktoken.Encoding("t", pat_str=pat, mergeable_ranks=ranks,

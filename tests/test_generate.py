@@ -1,4 +1,4 @@
-"""Generation: the KV cache changes speed, never output; batching, sampling controls, `slm sample`."""
+"""Generation: the KV cache changes speed, not output; batching, sampling controls, `slm sample`."""
 
 from __future__ import annotations
 
@@ -93,7 +93,10 @@ def test_seed_repeats_and_changes_samples():
 def test_top_k_and_top_p_restrict_the_choice():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
     g = torch.Generator().manual_seed(0)
-    draws = lambda **kw: {int(sample_next(logits, generator=g, **kw)) for _ in range(300)}  # noqa: E731
+
+    def draws(**kw):
+        return {int(sample_next(logits, generator=g, **kw)) for _ in range(300)}
+
     assert draws() == {0, 1, 2, 3, 4}
     assert draws(top_k=2) == {0, 1}
     assert draws(top_k=1) == {0}

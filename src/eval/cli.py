@@ -23,7 +23,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="validation loss, perplexity, bits per byte and HellaSwag of a checkpoint",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a step_N.pt, final.pt, models/<name>_final.pt or .safetensors")
+    p.add_argument("checkpoint",
+                   help="a step_N.pt, final.pt, models/<name>_final.pt or .safetensors export")
     p.add_argument("--data-root", default=None, help="where datasets/ lives (default ./data)")
     p.add_argument("--split", default="val", choices=["val", "all"],
                    help="evaluate the validation split (default) or every document of the source")

@@ -145,7 +145,9 @@ class Attention(nn.Module):
         # mask (B, 1, T, S) when given; else causal, which for T == S is the plain triangle and for
         # one new token over a cache is "see everything" (the caller passes a mask otherwise)
         causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal
+        )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 

@@ -43,8 +43,8 @@ RMS_EPS, LN_EPS = 1e-6, 1e-5  # what src/model/gpt.py uses
 def architecture(cfg) -> str:
     """The transformers architecture that computes exactly what our model does, or SLMError."""
     if cfg.pos_emb == "learned":
-        bad = [f"model.{k}: {getattr(cfg, k)}" for k, ok in
-               (("norm", "layernorm"), ("mlp", "gelu"), ("qk_norm", False)) if getattr(cfg, k) != ok]
+        want = (("norm", "layernorm"), ("mlp", "gelu"), ("qk_norm", False))
+        bad = [f"model.{k}: {getattr(cfg, k)}" for k, ok in want if getattr(cfg, k) != ok]
         if bad:
             raise SLMError(
                 f"no transformers architecture matches this model exactly: with pos_emb: learned "
@@ -179,7 +179,8 @@ def shape_from_hf(c: dict, source: str) -> dict:
         hidden = c["intermediate_size"]
         shape = dict(n_layer=c["num_hidden_layers"], n_head=H, n_embd=C,
                      block_size=c.get("max_position_embeddings", 2048), vocab_size=c["vocab_size"],
-                     pos_emb="rope", rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 1e4))),
+                     pos_emb="rope",
+                     rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 1e4))),
                      norm="rmsnorm", qk_norm=kind == "qwen3", mlp="swiglu",
                      mlp_ratio=1.5 * hidden / C, tie_embeddings=c.get("tie_word_embeddings", False),
                      bias=bias)
@@ -363,7 +364,8 @@ def resolve_init(cfg, tok, load_weights: bool = True, log=print) -> dict | None:
         conflicts.append(f"model.{k}: {ours} here, {v} in {src}")
     if conflicts:
         raise SLMError("model.init_from fixes the model's shape, and the config disagrees: "
-                       + "; ".join(conflicts) + ". Remove these keys from the config (or match them)")
+                       + "; ".join(conflicts)
+                       + ". Remove these keys from the config (or match them)")
     updates = {k: v for k, v in shape.items() if k not in m.model_fields_set or k == "vocab_size"}
     vocab, multiple = shape["vocab_size"], updates.get("pad_vocab_multiple", m.pad_vocab_multiple)
     if "pad_vocab_multiple" not in shape and vocab % multiple:
