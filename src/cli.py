@@ -108,10 +108,10 @@ def cmd_sample(args, extra) -> int:
         raise SLMError(f"unknown option(s) for sample: {' '.join(extra)}")
     from src.sample import print_samples
 
-    print_samples(args.checkpoint, prompt=args.prompt, n=args.num_samples,
+    print_samples(args.checkpoint, prompt=args.prompt or [""], n=args.num_samples,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device,
-                  stop=args.stop)
+                  stop=args.stop, batch_size=args.batch_size, stop_at_eot=not args.ignore_eot)
     return 0
 
 
@@ -137,14 +137,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument("checkpoint")
-    p.add_argument("--prompt", default="")
+    p.add_argument("--prompt", action="append",
+                   help="text to continue (repeat for several prompts; default: empty)")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=200)
     p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", default=None, help="stop a sample at this string")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--batch-size", type=int, default=8, help="samples generated together")
+    p.add_argument("--seed", type=int, default=None, help="makes the samples repeatable")
+    p.add_argument("--stop", action="append", help="end a sample before this string (repeatable)")
+    p.add_argument("--ignore-eot", action="store_true",
+                   help="keep generating past the end-of-text token")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
     p.set_defaults(fn=cmd_sample)
 

@@ -97,7 +97,11 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class KVCache:
-    """Keys and values of every layer for generation: prefill once, then one token per step."""
+    """Keys and values of every layer for generation: prefill once, then one token per step.
+
+    Holds `max_len` positions for `batch` rows; `pos` counts the positions already written (the
+    model advances it after each forward).
+    """
 
     def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype):
         shape = (cfg.n_layer, 2, batch, cfg.n_head, max_len, cfg.head_dim)
@@ -106,10 +110,12 @@ class KVCache:
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        t = k.size(2)
-        self.kv[layer, 0, :, :, self.pos : self.pos + t] = k
-        self.kv[layer, 1, :, :, self.pos : self.pos + t] = v
-        end = self.pos + t
+        """Store k, v (B, H, T, D) after the cached positions; return all keys and values so far."""
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, {end} were asked for")
+        self.kv[layer, 0, :, :, self.pos : end] = k
+        self.kv[layer, 1, :, :, self.pos : end] = v
         return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
 
 
@@ -124,7 +130,7 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
             self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None):
+    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None):
         B, T, C = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -133,14 +139,15 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = _rope(q, *rope), _rope(k, *rope)
-        causal = True
         if cache is not None:
-            if cache.pos > 0 and T > 1:
-                raise ValueError("KV cache: prefill must start from an empty cache")
-            k, v = cache.update(self.layer, k, v)
-            causal = T > 1  # a single new token attends to everything before it
+            k, v = cache.update(self.layer, k, v)  # (B, H, S, D): the cached positions and these
         drop = self.cfg.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=causal)
+        # mask (B, 1, T, S) when given; else causal, which for T == S is the plain triangle and for
+        # one new token over a cache is "see everything" (the caller passes a mask otherwise)
+        causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=drop, is_causal=causal
+        )
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
 
@@ -171,8 +178,8 @@ class Block(nn.Module):
         self.ln_1, self.attn = _norm(cfg, cfg.n_embd), Attention(cfg, layer)
         self.ln_2, self.mlp = _norm(cfg, cfg.n_embd), MLP(cfg)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(self, x, rope=None, cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -231,23 +238,41 @@ class GPT(nn.Module):
         n += self.lm_head.weight.numel()
         return 6.0 * n + 12.0 * cfg.n_layer * T * cfg.n_embd
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, pad=None):
+        """idx (B, T) -> (logits (B, T, padded_vocab), loss or None).
+
+        cache: a KVCache to read and extend (generation). pad: (B,) count of left-padding tokens
+        per row (batched prompts of different lengths): padding is never attended to and each
+        row's positions start at its first real token.
+        """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens > block_size {self.cfg.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)  # (T,)
+        mask = None
+        if pad is not None or (cache is not None and start > 0 and T > 1):
+            keys = torch.arange(start + T, device=idx.device)  # (S,)
+            mask = keys[None, None, :] <= pos[None, :, None]  # (1, T, S) causal
+            if pad is not None:
+                pad = torch.as_tensor(pad, device=idx.device).view(B)
+                mask = mask & (keys[None, None, :] >= pad[:, None, None])  # (B, T, S)
+                mask = mask | (keys[None, None, :] == pos[None, :, None])  # a pad sees itself
+                pos = (pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T) positions per row
+            mask = mask[:, None]  # (B or 1, 1, T, S)
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.cfg.pos_emb == "learned":
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.transformer.wpe(pos)
         else:
-            rope = (self.rope_cos[start : start + T], self.rope_sin[start : start + T])
+            cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D/2) or (B, T, D/2)
+            rope = (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.cfg.grad_checkpoint and self.training and cache is None:
                 x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, rope, cache)
+                x = block(x, rope, cache, mask)
         if cache is not None:
             cache.pos += T
         x = self.transformer.ln_f(x)
@@ -269,38 +294,58 @@ class GPT(nn.Module):
         top_p: float | None = None,
         generator: torch.Generator | None = None,
         use_cache: bool = True,
+        pad=None,
+        seed: int | None = None,
+        stop_tokens=None,
     ):
-        """Continue each row of idx (B, T) by max_new_tokens tokens; yields (B, 1) per step.
+        """Continue each row of idx (B, T) by up to max_new_tokens tokens; yields (B, 1) per step.
 
-        temperature 0 is greedy. With use_cache the prompt is run once (prefill) and each new
-        token costs one position; the window is the model's block_size (longer prompts keep
-        their tail). Output with and without the cache is the same.
+        temperature 0 is greedy; top_k keeps the k likeliest tokens, top_p the smallest set whose
+        probability reaches p. seed (or a torch.Generator) makes sampling repeatable. pad: (B,)
+        left-padding per row, for prompts of different lengths. stop_tokens: ids that end a row;
+        generation stops early once every row has produced one (later tokens of a finished row
+        are to be ignored by the caller).
+
+        With use_cache the prompt is run once (prefill), then each new token costs one position.
+        The model reads the last block_size tokens: once a row grows past that, each step recomputes
+        the window (exact, but no faster than without the cache). Output with and without the
+        cache is the same.
         """
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=idx.device).manual_seed(seed)
         V = self.cfg.vocab_size or self.cfg.padded_vocab
-        idx = idx[:, -self.cfg.block_size :]
-        cache = None
-        if use_cache:
-            total = min(self.cfg.block_size, idx.size(1) + max_new_tokens)
-            dtype = self.transformer.wte.weight.dtype
-            cache = KVCache(self.cfg, idx.size(0), total, idx.device, dtype)
-        x = idx
+        bs, B = self.cfg.block_size, idx.size(0)
+        if pad is not None:
+            pad = torch.as_tensor(pad, device=idx.device).view(B)
+        stop = torch.tensor(sorted(set(stop_tokens or ())), dtype=torch.long, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        cache, x = None, idx
         for _ in range(max_new_tokens):
-            if cache is not None and cache.pos + x.size(1) > cache.max_len:
-                # window full: start a fresh cache over the last block_size - 1 tokens
-                idx = idx[:, -(self.cfg.block_size - 1) :]
-                cache.pos, x = 0, idx
-            if cache is None:
-                x = idx[:, -self.cfg.block_size :]
-            logits, _ = self(x, cache=cache)
-            logits = logits[:, -1, :V].float()
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            if idx.size(1) > bs:  # past the window: drop the oldest tokens (padding first)
+                cut = idx.size(1) - bs
+                idx = idx[:, cut:]
+                pad = None if pad is None else (pad - cut).clamp(min=0)
+                x = idx
+                if cache is not None:
+                    cache.pos = 0  # re-prefill the window
+            if use_cache and cache is None:
+                size = min(bs, idx.size(1) + max_new_tokens)
+                cache = KVCache(self.cfg, B, size, idx.device, self.transformer.wte.weight.dtype)
+            if not use_cache:
+                x = idx
+            logits, _ = self(x, cache=cache, pad=pad)
+            nxt = sample_next(logits[:, -1, :V].float(), temperature, top_k, top_p, generator)
             idx = torch.cat((idx, nxt), dim=1)
             x = nxt
             yield nxt
+            if len(stop):
+                done |= torch.isin(nxt[:, 0], stop)
+                if bool(done.all()):
+                    return
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """Pick the next token (B, 1) from logits (B, V)."""
+    """Pick the next token (B, 1) from logits (B, V): greedy at temperature 0, else sampled."""
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
@@ -310,7 +355,7 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     probs = F.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
         sp, si = probs.sort(dim=-1, descending=True)
-        drop = sp.cumsum(-1) - sp > top_p  # keep the smallest prefix whose mass reaches top_p
-        sp = sp.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, si, sp)
+        drop = sp.cumsum(-1) - sp >= top_p  # keep the smallest prefix whose mass reaches top_p
+        drop[:, 0] = False  # always keep the likeliest token
+        probs = torch.zeros_like(probs).scatter(-1, si, sp.masked_fill(drop, 0.0))
     return torch.multinomial(probs, 1, generator=generator)

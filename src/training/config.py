@@ -86,6 +86,15 @@ class TrainingConfig(_Section):
     threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
     parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="multi-GPU strategy")
     skip_nonfinite: bool = Field(False, description="skip a step whose loss/grads are NaN/Inf")
+    hellaswag_every: int | None = Field(
+        None, ge=1, description="steps between HellaSwag evaluations (logged; empty = never)"
+    )
+    hellaswag_file: str | None = Field(
+        None, description="local hellaswag_val.jsonl (empty = the cached/downloaded standard file)"
+    )
+    hellaswag_examples: int | None = Field(
+        None, ge=1, description="HellaSwag examples per evaluation (empty = all 10,042)"
+    )
 
 
 class ModalConfig(_Section):
@@ -285,4 +294,8 @@ def load_config(path: str | Path, overrides=None) -> Config:
 
 def config_from_dict(d: dict) -> Config:
     """Rebuild a Config saved in a checkpoint (already validated once)."""
-    return validate_config(dict(d), "checkpoint config")
+    d = dict(d)
+    if isinstance(d.get("data"), dict) and d["data"].get("tokenizer") in FIXED_VOCAB:
+        # a saved config lists every key; data.vocab_size means nothing for fixed tokenizers
+        d["data"] = {k: v for k, v in d["data"].items() if k != "vocab_size"}
+    return validate_config(d, "checkpoint config")

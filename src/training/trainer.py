@@ -297,12 +297,25 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
             f"{tok.vocab_size} tokens; remove model.vocab_size or raise it"
         )
+    init_sd = None
+    if cfg.model.init_from:  # fine-tuning: the source sets the shape (also when resuming)
+        from src.model.hf import resolve_init
+
+        init_sd = resolve_init(cfg, tok, load_weights=state is None, log=say)
     if state is not None:
         _check_compatible(cfg, state, tok.id, state_path)
+    hellaswag = None
+    if t.hellaswag_every and master:
+        from src.eval import hellaswag as hs
+
+        hs_rows = hs.load_examples(hs.locate(t.hellaswag_file), t.hellaswag_examples)
+        hellaswag = lambda: hs.evaluate(model, tok, hs_rows, autocast)  # noqa: E731
 
     # --- model, optimizer, data position
     torch.manual_seed(t.seed)
     model = GPT(cfg.model).to(dev)
+    if init_sd is not None:
+        model.load_state_dict(init_sd)
     accum = cfg.grad_accum(world)
     optimizer = build_optimizer(model, t, dev.type)
     loader = BatchLoader(ds.train, tok.id, cfg.seq_len, t.batch_size, t.seed, rank, world)
@@ -473,6 +486,10 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
                 row = {"step": step, "tokens": tokens, **last_val}
                 if master and t.num_samples:
                     row["samples"] = make_samples(model, tok, cfg, dev, step)
+                metrics.log(row)
+            if hellaswag and (step % t.hellaswag_every == 0 or last):
+                row = {"step": step, "tokens": tokens, **hellaswag()}
+                say(f"step {step:>6} | hellaswag acc_norm {row['hellaswag/acc_norm']:.4f}")
                 metrics.log(row)
             if sig.got is not None:
                 name = signal.Signals(sig.got).name
