@@ -250,7 +250,7 @@ def load_optimizer_state(model, optimizer, state: dict, ctx: Context) -> None:
         set_optimizer_state_dict,
     )
 
-    for g, saved in zip(optimizer.param_groups, state["param_groups"]):
+    for g, saved in zip(optimizer.param_groups, state["param_groups"], strict=False):
         for k, v in saved.items():  # keys set during training (initial_lr) must exist here too
             g.setdefault(k, v)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -267,17 +267,17 @@ def load_optimizer_state(model, optimizer, state: dict, ctx: Context) -> None:
 # ----------------------------------------------------------------------------- failures
 
 
-def record_failure(e: BaseException, ctx: Context) -> BaseException:
+def record_failure(e: BaseException) -> BaseException:
     """Note a rank's error for torchrun's summary; a lost peer becomes a short SLMError.
 
     When one rank dies, torchrun stops the others; their collectives then fail with a
     connection error that only says a peer went away. The dying rank's own error is what
     torchrun reports as the root cause (the first failure).
     """
-    if ctx.world_size <= 1:
+    if world_size() <= 1:
         return e
     if isinstance(e, td.DistError) or "Connection closed by peer" in str(e):
-        return SLMError(f"rank {ctx.rank}: lost contact with another rank, which probably failed "
+        return SLMError(f"rank {os.environ.get('RANK', '?')}: lost contact with another rank, which probably failed "
                         f"(its error is shown by torchrun above or below): {str(e)[:300]}")
     from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 

@@ -287,6 +287,18 @@ def train(
     start over) or a checkpoint path. on_checkpoint(path) is called after each save (Modal
     commits its volume there). Raises Interrupted after saving on SIGTERM/SIGINT.
     """
+    try:
+        return _launch(cfg, data_root, device, resume, use_wandb, on_checkpoint, log)
+    except Interrupted:
+        raise
+    except Exception as e:  # under torchrun: name this rank's error in torchrun's summary
+        err = dist.record_failure(e)
+        if err is e:
+            raise
+        raise err from None
+
+
+def _launch(cfg, data_root, device, resume, use_wandb, on_checkpoint, log) -> Result:
     t0 = time.time()
     t = cfg.training
     dist.check_launch(cfg, dist.world_size(), device)
@@ -317,16 +329,11 @@ def train(
         dist.barrier(long=True)
         if world > 1:  # every rank loads what rank 0 chose
             state_path = dist.broadcast_object(str(state_path) if state_path else None)
-            if state_path and not master:
+            if state_path and not master:  # mapped: ranks on one machine share the pages
                 state_path = Path(state_path)
-                state = ckpt.load(state_path)
+                state = ckpt.load(state_path, mmap=True)
         return _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb,
                       on_checkpoint, say, t0)
-    except Exception as e:
-        err = dist.record_failure(e, ctx)
-        if err is e:
-            raise
-        raise err from None
     finally:
         if lock:
             lock.release()
