@@ -137,6 +137,32 @@ def test_a_crash_on_one_rank_ends_every_rank_with_its_error(corpus, single, tmp_
     assert not (root / "checkpoints" / "crash" / "final.pt").exists()
 
 
+def test_a_signal_to_one_rank_stops_all_at_the_same_step(corpus, single, tmp_path):
+    """Preemption: SIGTERM reaching one rank only; every rank saves the same step and stops."""
+    root, _ = single
+    term = tmp_path / "term_rank1.py"
+    term.write_text(textwrap.dedent("""
+        import os, signal, sys
+        sys.path.insert(0, os.getcwd())
+        from src.data import loader
+        real, calls = loader.BatchLoader.next_batch, []
+        def next_batch(self, device="cpu"):
+            calls.append(1)
+            if self.rank == 1 and len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real(self, device)
+        loader.BatchLoader.next_batch = next_batch
+        from src.cli import main
+        sys.exit(main(["train", *sys.argv[1:]]))
+    """))
+    p = launch(corpus, root, "term", 2, 2, "--training.parallelism", "fsdp", script=term)
+    assert p.returncode != 0
+    assert p.stderr.count("stopped: SIGTERM: saved") == 2  # both ranks, one message each
+    run = root / "checkpoints" / "term"
+    assert [f.name for f in run.glob("*.pt")] == ["step_2.pt"]
+    assert torch.load(run / "step_2.pt", weights_only=True)["step"] == 2
+
+
 def test_bad_launch_settings_are_refused_clearly(fast_cfg, monkeypatch):
     cfg = fast_cfg(training__batch_tokens=4 * 64 * 2 * 3)  # splits over 2 and 3, not over 4
     assert dist.plan(cfg, 2) == 3 and dist.plan(cfg, 3) == 2

@@ -492,7 +492,6 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             if scaler:
                 scaler.unscale_(optimizer)
             gnorm = dist.clip_grad_norm(model, t.grad_clip, ctx)
-            stop_sig = sig.got
             if world > 1:  # global loss sum, rank 0's clock, and a signal seen by any rank
                 loss_sum, stop_sig, synced[0] = _sync_step(loss_sum, sig.got, elapsed(), ctx)
             finite = torch.isfinite(loss_sum) & torch.isfinite(gnorm)
@@ -550,6 +549,8 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
                 if t.num_samples and (master or ctx.sharded):  # FSDP: all ranks generate
                     row["samples"] = make_samples(model, tok, cfg, dev, step)
                 metrics.log(row)
+            if world == 1:
+                stop_sig = sig.got
             if stop_sig is not None:
                 name = signal.Signals(stop_sig).name
                 path = run_dir / f"step_{step}.pt"
