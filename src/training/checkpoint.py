@@ -38,13 +38,17 @@ def save(state: dict, path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path, map_location="cpu") -> dict:
-    """Load a checkpoint without running code; clear errors for damaged or foreign files."""
+def load(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
+    """Load a checkpoint without running code; clear errors for damaged or foreign files.
+
+    mmap=True maps the tensors from the file instead of reading them into memory (several
+    processes on one machine then share the pages).
+    """
     path = Path(path)
     if not path.is_file():
         raise SLMError(f"checkpoint {path} does not exist")
     try:
-        d = torch.load(path, map_location=map_location, weights_only=True)
+        d = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError (zip), EOFError, ...
         why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):

@@ -171,16 +171,72 @@ def _autocast(device: torch.device, dtype_name: str):
     return contextlib.nullcontext, None
 
 
+def _bf16_params(device: torch.device, dtype_name: str) -> torch.dtype | None:
+    """FSDP's compute dtype for parameters: bf16 where training autocasts to bf16, else fp32."""
+    if dtype_name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else None
+    return torch.bfloat16 if dtype_name == "bfloat16" else None
+
+
+def _check_global_batch(cfg: Config, state: dict, world: int, path: Path) -> None:
+    """A resumed run keeps its global batch, whatever the number of processes."""
+    old_world = int(state.get("world_size", 1))
+    old = state.get("tokens_per_step")
+    if old is None:
+        from src.training.config import config_from_dict
+
+        old = config_from_dict(state["config"]).tokens_per_step(old_world)
+    new = cfg.tokens_per_step(world)
+    if old == new:
+        return
+    t = cfg.training
+    raise SLMError(
+        f"checkpoint {path} was trained with {old:,} tokens per optimizer step ({old_world} "
+        f"process(es)), but this launch gives {new:,} (batch_size {t.batch_size} x seq_len "
+        f"{cfg.seq_len} x {cfg.grad_accum(world)} accumulation x {world} process(es)). Keep the "
+        f"global batch: set training.batch_tokens: {old} (a multiple of batch_size x seq_len x "
+        "processes), or adjust batch_size / gradient_accumulation_steps; or start over with "
+        "--resume never"
+    )
+
+
+def _sync_step(loss_sum: torch.Tensor, got: int | None, elapsed: float, ctx) -> tuple:
+    """One all-reduce per step: (global loss sum, signal any rank got, rank 0's elapsed time)."""
+    v = torch.tensor([0.0, elapsed if ctx.master else 0.0, got == signal.SIGTERM,
+                      got == signal.SIGINT], dtype=torch.float64, device=loss_sum.device)
+    v[0] = loss_sum.double()
+    dist.all_reduce_sum(v)
+    _, el, term, intr = v.tolist()
+    sig = signal.SIGTERM if term else signal.SIGINT if intr else None
+    return v[0].to(loss_sum.dtype), sig, el
+
+
 @torch.no_grad()
-def evaluate(model, ds, cfg: Config, device, autocast, token_bytes, rank=0, world=1) -> dict:
-    """Validation loss (nats/token), perplexity and bits per byte over fixed windows."""
+def evaluate(model, ds, cfg: Config, device, autocast, token_bytes, rank=0, world=1,
+             lockstep=False) -> dict:
+    """Validation loss (nats/token), perplexity and bits per byte over fixed windows.
+
+    lockstep (FSDP): every rank runs as many forwards as the busiest one, padding with
+    forwards whose results are dropped, since each forward gathers weights from all ranks.
+    """
     model.eval()
     nats = torch.zeros((), dtype=torch.float64, device=device)
     nbytes = torch.zeros((), dtype=torch.float64, device=device)
     ntok = torch.zeros((), dtype=torch.float64, device=device)
     tb = token_bytes.to(device)
-    for x, y in val_batches(ds.val, ds.tokenizer.id, cfg.seq_len, cfg.training.batch_size,
-                            cfg.training.eval_tokens, rank, world):
+    batches = val_batches(ds.val, ds.tokenizer.id, cfg.seq_len, cfg.training.batch_size,
+                          cfg.training.eval_tokens, rank, world)
+    pad = 0
+    if lockstep:
+        batches = list(batches)
+        most = torch.tensor(len(batches), device=device)
+        dist.all_reduce_max(most)
+        pad = int(most) - len(batches)
+    for _ in range(pad):
+        with autocast():
+            model(torch.zeros(1, cfg.seq_len, dtype=torch.long, device=device))
+    for x, y in batches:
         x, y = x.to(device), y.to(device)
         with autocast():
             logits, _ = model(x)
@@ -240,9 +296,22 @@ def train(
     start over) or a checkpoint path. on_checkpoint(path) is called after each save (Modal
     commits its volume there). Raises Interrupted after saving on SIGTERM/SIGINT.
     """
+    try:
+        return _launch(cfg, data_root, device, resume, use_wandb, on_checkpoint, log)
+    except Interrupted:
+        raise
+    except Exception as e:  # under torchrun: name this rank's error in torchrun's summary
+        err = dist.record_failure(e)
+        if err is e:
+            raise
+        raise err from None
+
+
+def _launch(cfg, data_root, device, resume, use_wandb, on_checkpoint, log) -> Result:
     t = cfg.training
-    ctx = dist.setup(device)
-    world, master = ctx.world_size, ctx.rank == 0
+    dist.check_launch(cfg, dist.world_size(), device)
+    ctx = dist.setup(device, t.parallelism)
+    world, master = ctx.world_size, ctx.master
     dev = ctx.device if ctx.device is not None else resolve_device(device)
     say = log if master else (lambda *a, **k: None)
     if t.threads and dev.type == "cpu":
@@ -250,27 +319,27 @@ def train(
 
     run_dir = run_dir_for(cfg, data_root)
     lock = None
-    state, state_path = None, None
-    if master:
-        if resume == "never":
-            moved = ckpt.move_aside(run_dir)
-            if moved:
-                say(f"--resume never: moved the old run to {moved}")
-        lock = RunLock(run_dir)
-        if resume not in ("auto", "never"):
-            state_path = Path(resume)
-            state = ckpt.load(state_path)
-        elif resume == "auto":
-            found = ckpt.find_resumable(run_dir, say)
-            if found:
-                state_path, state = found
-    dist.barrier()
-    if world > 1:  # every rank loads what rank 0 chose
-        state_path = dist.broadcast_object(str(state_path) if state_path else None)
-        if state_path and not master:
-            state_path = Path(state_path)
-            state = ckpt.load(state_path)
     try:
+        state, state_path = None, None
+        if master:
+            if resume == "never":
+                moved = ckpt.move_aside(run_dir)
+                if moved:
+                    say(f"--resume never: moved the old run to {moved}")
+            lock = RunLock(run_dir)
+            if resume not in ("auto", "never"):
+                state_path = Path(resume)
+                state = ckpt.load(state_path)
+            elif resume == "auto":
+                found = ckpt.find_resumable(run_dir, say)
+                if found:
+                    state_path, state = found
+        dist.barrier(long=True)
+        if world > 1:  # every rank loads what rank 0 chose
+            state_path = dist.broadcast_object(str(state_path) if state_path else None)
+            if state_path and not master:  # mapped: ranks on one machine share the pages
+                state_path = Path(state_path)
+                state = ckpt.load(state_path, mmap=True)
         return _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb,
                       on_checkpoint, say)
     finally:
@@ -286,7 +355,7 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
     # --- data (rank 0 tokenizes; the others wait and then read the same shards)
     if master:
         ds = prepare(cfg, data_root, log=say)
-    dist.barrier()
+    dist.barrier(long=True)
     if not master:
         ds = prepare(cfg, data_root, log=lambda *a: None)
     tok = ds.tokenizer
@@ -304,25 +373,39 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
         init_sd = resolve_init(cfg, tok, load_weights=state is None, log=say)
     if state is not None:
         _check_compatible(cfg, state, tok.id, state_path)
-    hellaswag = None
-    if t.hellaswag_every and master:
-        from src.eval import hellaswag as hs
+        _check_global_batch(cfg, state, world, state_path)
 
-        hs_rows = hs.load_examples(hs.locate(t.hellaswag_file), t.hellaswag_examples)
-        hellaswag = lambda: hs.evaluate(model, tok, hs_rows, autocast)  # noqa: E731
-
-    # --- model, optimizer, data position
+    # --- model, optimizer, data position (the weights are loaded before FSDP shards them,
+    # and the optimizer is built on the sharded parameters)
     torch.manual_seed(t.seed)
     model = GPT(cfg.model).to(dev)
     if init_sd is not None:
         model.load_state_dict(init_sd)
-    accum = cfg.grad_accum(world)
+    accum = dist.plan(cfg, world)
+    if state is not None:
+        model.load_state_dict(state["model_state_dict"])
+    autocast, scaler = _autocast(dev, t.dtype)
+    if ctx.sharded and scaler is not None:
+        raise SLMError("training.parallelism fsdp with float16 (this GPU has no bfloat16): FSDP's "
+                       "shards cannot use the fp16 gradient scaler; use parallelism: ddp")
+    if world == 1 and t.parallelism == "fsdp":
+        say("note: training.parallelism fsdp with one process: nothing to shard, training as "
+            "a single process (launch with torchrun --nproc_per_node=N to shard)")
+    wrapped = dist.wrap_model(model, ctx, _bf16_params(dev, t.dtype))
+    hellaswag = None
+    if t.hellaswag_every and master:
+        if ctx.sharded:
+            say("note: training.hellaswag_every is skipped under FSDP (run `slm eval` instead)")
+        else:
+            from src.eval import hellaswag as hs
+
+            hs_rows = hs.load_examples(hs.locate(t.hellaswag_file), t.hellaswag_examples)
+            hellaswag = lambda: hs.evaluate(model, tok, hs_rows, autocast)  # noqa: E731
     optimizer = build_optimizer(model, t, dev.type)
     loader = BatchLoader(ds.train, tok.id, cfg.seq_len, t.batch_size, t.seed, rank, world)
     step, tokens, elapsed_before, wandb_id, best_val = 0, 0, 0.0, None, None
     if state is not None:
-        model.load_state_dict(state["model_state_dict"])
-        optimizer.load_state_dict(state["optimizer_state_dict"])
+        dist.load_optimizer_state(model, optimizer, state["optimizer_state_dict"], ctx)
         loader.load_state_dict(state["loader"])
         step, tokens = int(state["step"]), int(state["tokens"])
         elapsed_before = float(state.get("elapsed", 0.0))
@@ -331,10 +414,9 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
         if state.get("world_size", world) != world and master:
             say(f"note: checkpoint written with {state['world_size']} ranks, resuming with {world}")
         say(f"resumed from {state_path} at step {step} ({tokens:,} tokens)")
-    autocast, scaler = _autocast(dev, t.dtype)
     if scaler is not None and state is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    train_model = dist.wrap_model(model, ctx, t)
+    train_model = wrapped
     if t.compile and dev.type == "cuda":
         import torch._dynamo as dynamo
 
@@ -372,11 +454,12 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             p = max(p, elapsed_ / t.max_seconds)
         return p
 
-    def save_state(path: Path, elapsed_: float, final=False) -> Path:
+    def save_state(path: Path, elapsed_: float, final=False) -> dict | None:
+        """Write a checkpoint (every rank calls: FSDP gathers the full state to rank 0)."""
         st = {
             "format": CKPT_FORMAT,
-            "model_state_dict": model.state_dict(),
-            "optimizer_state_dict": optimizer.state_dict(),
+            "model_state_dict": dist.model_state(model, ctx),
+            "optimizer_state_dict": dist.optimizer_state(model, optimizer, ctx),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "step": step,
             "tokens": tokens,
@@ -389,22 +472,26 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             "wandb_run_id": wandb_id,
             "best_val_loss": best_val,
             "world_size": world,
+            "parallelism": t.parallelism,
+            "tokens_per_step": tokens_per_step,
             "final": final,
         }
-        st = dist.gather_full_state(st, model, optimizer, ctx)
         if not master:
-            return path
+            return None
         ckpt.save(st, path)
         if not final:
             ckpt.prune(run_dir, t.keep_last)
         if on_checkpoint:
             on_checkpoint(path)
-        return path
+        return st
 
     start = time.time()  # the budget counts training time (data preparation excluded)
     elapsed = lambda: elapsed_before + (time.time() - start)  # noqa: E731
+    # Decisions that depend on time (lr, stopping) use rank 0's clock, so all ranks agree.
+    synced = [dist.broadcast_object(elapsed())]
+    clock = elapsed if world == 1 else (lambda: synced[0])
     last_val = {}
-    p_start = progress(step, tokens, elapsed())
+    p_start = progress(step, tokens, clock())
     if p_start >= 1.0 and state is not None:
         say(f"run '{cfg.name}' is already complete at step {step} ({state_path}); "
             "--resume never starts it over")
@@ -415,13 +502,14 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
     bad_seen = torch.zeros((), dtype=torch.bool, device=dev) if dev.type == "cuda" else None
     model.train()
     with _Signals() as sig:
-        while progress(step, tokens, elapsed()) < 1.0:
-            factor = lr_factor(t, step, progress(step, tokens, elapsed()))
+        while progress(step, tokens, clock()) < 1.0:
+            factor = lr_factor(t, step, progress(step, tokens, clock()))
             set_lr(optimizer, factor)
             loss_sum = torch.zeros((), device=dev)
             for micro in range(accum):
                 x, y = loader.next_batch(dev)
-                with dist.no_sync(train_model, micro < accum - 1), autocast():
+                dist.grad_sync(wrapped, micro == accum - 1)  # reduce on the last micro-step only
+                with autocast():
                     _, loss = train_model(x, y)
                     loss = loss / accum
                 (scaler.scale(loss) if scaler else loss).backward()
@@ -429,6 +517,8 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             if scaler:
                 scaler.unscale_(optimizer)
             gnorm = dist.clip_grad_norm(model, t.grad_clip, ctx)
+            if world > 1:  # global loss sum, rank 0's clock, and a signal seen by any rank
+                loss_sum, stop_sig, synced[0] = _sync_step(loss_sum, sig.got, elapsed(), ctx)
             # fp16's scaler skips steps with overflowing gradients itself; a NaN loss is ours
             finite = torch.isfinite(loss_sum) if scaler else torch.isfinite(loss_sum) & torch.isfinite(gnorm)
             if dev.type == "cuda" and not t.skip_nonfinite:
@@ -452,13 +542,12 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             tokens += tokens_per_step
             win_tokens += tokens_per_step
 
-            last = progress(step, tokens, elapsed()) >= 1.0
+            last = progress(step, tokens, clock()) >= 1.0
             boundary = last or step % t.log_every == 0 or step % t.eval_every == 0 or (
                 step % t.checkpoint_every == 0) or sig.got is not None
             if bad_seen is not None and boundary and bool(bad_seen):
                 raise _nonfinite_error(step, run_dir, at_or_before=True)
             if step % t.log_every == 0 or last or step == 1:
-                dist.all_reduce_sum(loss_sum)
                 now = time.time()
                 tps = win_tokens / max(now - win_start, 1e-9)
                 win_tokens, win_start = 0, now
@@ -480,32 +569,38 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
                     row["memory/peak_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 metrics.log(row)
             if step % t.eval_every == 0 or last:
-                last_val = evaluate(model, ds, cfg, dev, autocast, token_bytes, rank, world)
+                last_val = evaluate(model, ds, cfg, dev, autocast, token_bytes, rank, world,
+                                    lockstep=ctx.sharded)
                 if best_val is None or last_val["val/loss"] < best_val:
                     best_val = last_val["val/loss"]
                 row = {"step": step, "tokens": tokens, **last_val}
-                if master and t.num_samples:
+                if t.num_samples and (master or ctx.sharded):  # FSDP: all ranks generate
                     row["samples"] = make_samples(model, tok, cfg, dev, step)
                 metrics.log(row)
             if hellaswag and (step % t.hellaswag_every == 0 or last):
                 row = {"step": step, "tokens": tokens, **hellaswag()}
                 say(f"step {step:>6} | hellaswag acc_norm {row['hellaswag/acc_norm']:.4f}")
                 metrics.log(row)
-            if sig.got is not None:
-                name = signal.Signals(sig.got).name
-                path = save_state(run_dir / f"step_{step}.pt", elapsed())
+            if world == 1:
+                stop_sig = sig.got
+            if stop_sig is not None:
+                name = signal.Signals(stop_sig).name
+                path = run_dir / f"step_{step}.pt"
+                save_state(path, elapsed())
                 dist.barrier()
                 metrics.close()
-                raise Interrupted(f"{name}: saved {path} at step {step}; re-run to resume", sig.got)
+                raise Interrupted(f"{name}: saved {path} at step {step}; re-run to resume", stop_sig)
             if step % t.checkpoint_every == 0 and not last:
                 save_state(run_dir / f"step_{step}.pt", elapsed())
                 metrics.call("on_checkpoint", run_dir / f"step_{step}.pt", step)
 
-    final = save_state(run_dir / "final.pt", elapsed(), final=True)
+    final = run_dir / "final.pt"
+    final_state = save_state(final, elapsed(), final=True)
     model_path = Path(data_root) / "models" / f"{cfg.name}_final.pt"
     if master:
         ckpt.save(
-            {"format": CKPT_FORMAT, "model_state_dict": model.state_dict(), "config": cfg.to_dict(),
+            {"format": CKPT_FORMAT, "model_state_dict": final_state["model_state_dict"],
+             "config": cfg.to_dict(),
              "tokenizer": tok.to_dict(), "tokenizer_id": tok.id, "step": step, "tokens": tokens,
              "val_loss": last_val.get("val/loss"), "val_bpb": last_val.get("val/bpb")},
             model_path,
