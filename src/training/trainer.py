@@ -105,7 +105,9 @@ class RunLock:
         self.f = open(self.path, "a+")
         try:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if not isinstance(e, BlockingIOError):  # a file system without locks: go on unlocked
+                return
             self.f.seek(0)
             who = self.f.read().strip() or "another process"
             self.f.close()
@@ -224,12 +226,15 @@ def train(
     use_wandb: bool = True,
     on_checkpoint=None,
     log=print,
+    cost_per_hour: float | None = None,
 ) -> Result:
     """Train cfg to its budget; resume from the run's newest checkpoint unless told otherwise.
 
     resume: 'auto' (newest checkpoint of this run, if any), 'never' (move the old run aside and
     start over) or a checkpoint path. on_checkpoint(path) is called after each save (Modal
     commits its volume there). Raises Interrupted after saving on SIGTERM/SIGINT.
+    cost_per_hour: USD per hour of the machines (default $SLM_COST_PER_HOUR; Modal passes the GPU
+    price x GPUs): logs cost_usd, and modal.max_cost_usd then ends the run like a finished one.
     """
     t0 = time.time()
     t = cfg.training
@@ -264,15 +269,19 @@ def train(
             state = ckpt.load(state_path)
     try:
         return _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb,
-                      on_checkpoint, say, t0)
+                      on_checkpoint, say, t0, cost_per_hour)
     finally:
         if lock:
             lock.release()
         dist.teardown()
 
 
-def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_checkpoint, say, t0):
+def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_checkpoint, say, t0,
+           cost_per_hour=None):
     t = cfg.training
+    if cost_per_hour is None and os.environ.get("SLM_COST_PER_HOUR"):
+        cost_per_hour = float(os.environ["SLM_COST_PER_HOUR"])
+    budget = cfg.modal.max_cost_usd if cost_per_hour else None
     rank, world, master = ctx.rank, ctx.world_size, ctx.rank == 0
 
     # --- data (rank 0 tokenizes; the others wait and then read the same shards)
@@ -382,18 +391,26 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
 
     start = time.time()
     elapsed = lambda: elapsed_before + (time.time() - t0)  # noqa: E731
+    cost = lambda: cost_per_hour * elapsed() / 3600 if cost_per_hour else None  # noqa: E731
+    # rank 0 decides, so every rank stops at the same step
+    over_budget = lambda: bool(budget) and dist.broadcast_object(cost() >= budget)  # noqa: E731
+    stopped = False
     last_val = {}
     p_start = progress(step, tokens, elapsed())
-    if p_start >= 1.0 and state is not None:
-        say(f"run '{cfg.name}' is already complete at step {step} ({state_path}); "
-            "--resume never starts it over")
+    if state is not None and (p_start >= 1.0 or over_budget()):
+        if p_start >= 1.0:
+            say(f"run '{cfg.name}' is already complete at step {step} ({state_path}); "
+                "--resume never starts it over")
+        else:
+            say(f"run '{cfg.name}' stopped at its budget modal.max_cost_usd ${budget:.2f} (step "
+                f"{step}); raise modal.max_cost_usd to continue it")
         metrics.close()
         model_path = Path(data_root) / "models" / f"{cfg.name}_final.pt"
         return Result(run_dir, state_path, model_path, step, tokens, None, None)
     win_tokens, win_start = 0, time.time()
     model.train()
     with _Signals() as sig:
-        while progress(step, tokens, elapsed()) < 1.0:
+        while progress(step, tokens, elapsed()) < 1.0 and not stopped:
             factor = lr_factor(t, step, progress(step, tokens, elapsed()))
             set_lr(optimizer, factor)
             loss_sum = torch.zeros((), device=dev)
@@ -433,6 +450,10 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             win_tokens += tokens_per_step
 
             last = progress(step, tokens, elapsed()) >= 1.0
+            if budget and not last and step % t.log_every == 0 and over_budget():
+                say(f"budget reached: ${cost():.2f} of modal.max_cost_usd ${budget:.2f} at step "
+                    f"{step}; stopping with a checkpoint")
+                stopped = last = True
             if step % t.log_every == 0 or last or step == 1:
                 dist.all_reduce_sum(loss_sum)
                 now = time.time()
@@ -452,6 +473,8 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
                     "mfu": tps * flops_tok / peak if peak else None,
                     "eta_seconds": eta,
                 }
+                if cost_per_hour:
+                    row["cost_usd"] = cost()
                 if dev.type == "cuda":
                     row["memory/peak_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 metrics.log(row)
