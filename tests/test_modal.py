@@ -178,6 +178,32 @@ def test_several_gpus_in_one_container_go_through_torchrun(monkeypatch, tmp_path
     assert launched == [("A10:4", 4)] and "error" not in out
 
 
+def test_multi_gpu_launcher_runs_the_command_commits_and_reports(monkeypatch, tmp_path, corpus):
+    """The torchrun path's process handling, with one CPU process standing in for torchrun."""
+    real = modal_app.torchrun_command
+
+    def one_process(*a, **k):  # the same arguments, minus torchrun itself
+        cmd = real(*a, **k)
+        return [sys.executable, *cmd[cmd.index("-m"):]]
+
+    commits = []
+    monkeypatch.setattr(modal_app, "torchrun_command", one_process)
+    monkeypatch.setattr(modal_app, "COMMIT_POLL_S", 0.5)
+    monkeypatch.setattr(modal_app, "commit_volume", lambda log=print: commits.append(time.time()))
+    monkeypatch.setenv("SLM_DATA_ROOT", str(tmp_path))
+    out = modal_app.training_body("configs/tiny.yaml", "T4:2", fast_set(corpus), wandb=False)
+    assert "error" not in out and out["step"] == FAST["training.max_steps"]
+    assert out["download"] == "modal volume get slm-data models/tiny_final.pt ."
+    assert len(commits) >= 2  # while it ran, and at the end
+    rows = [yaml.safe_load(x) for x in (tmp_path / "checkpoints/tiny/metrics.jsonl").open()]
+    assert any(r.get("cost_usd") is not None for r in rows)  # the price reached the workers
+
+    monkeypatch.setattr(modal_app, "attempt_seconds", lambda timeout: 3.0)
+    with pytest.raises(RuntimeError, match="the attempt's time limit"):
+        modal_app.training_body("configs/tiny.yaml", "T4:2", name="long", wandb=False,
+                                set=fast_set(corpus, **{"training.max_steps": 100_000}))
+
+
 # ----------------------------------------------------------------------------- the training body
 
 
@@ -309,6 +335,28 @@ def test_deadline_stops_this_process_or_a_child():
 
 
 # ----------------------------------------------------------------------------- sweeps
+
+
+def test_grid_expansion():
+    from src.training import sweep as sw
+
+    grid = sw.parse_grid("training.learning_rate=1e-4,3e-4,1e-3 training.weight_decay=0,0.1")
+    assert grid == {"training.learning_rate": ["1e-4", "3e-4", "1e-3"],
+                    "training.weight_decay": ["0", "0.1"]}
+    assert sw.parse_grid("training.learning_rate=1e-4,3e-4;model.n_layer=6") == {
+        "training.learning_rate": ["1e-4", "3e-4"], "model.n_layer": ["6"]}
+    points = sw.expand("gpt_124m", grid)
+    assert [p.name for p in points] == [
+        "gpt_124m-lr1e-4-wd0", "gpt_124m-lr1e-4-wd0.1", "gpt_124m-lr3e-4-wd0",
+        "gpt_124m-lr3e-4-wd0.1", "gpt_124m-lr1e-3-wd0", "gpt_124m-lr1e-3-wd0.1"]
+    assert points[1].overrides == ["training.learning_rate=1e-4", "training.weight_decay=0.1"]
+    assert sw.expand("t", {"modal.gpu": ["T4", "H100:8"]})[1].name == "t-gpuH100_8"
+    for bad in ("", "learning_rate=1e-4", "training.learning_rate", "training.learning_rate=",
+                "training.seed=1,1", "training.seed=1 training.seed=2"):
+        with pytest.raises(SLMError, match="--grid"):
+            sw.parse_grid(bad)
+    with pytest.raises(SLMError, match="share a run name"):
+        sw.expand("t", {"data.source": ["a/b", "a_b"]})
 
 
 def test_sweep_trains_each_point_as_its_own_run_in_one_group(monkeypatch, tmp_path, corpus,

@@ -99,7 +99,8 @@ def format_table(rows: list[dict]) -> str:
     def num(v, fmt):
         return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
-    head = ["run", "overrides", "val loss", "val bpb", "step", "note"]
+    notes = any(r.get("error") for r in rows)
+    head = ["run", "overrides", "val loss", "val bpb", "step"] + (["error"] if notes else [])
     body = []
     for r in sorted(rows, key=key):
         body.append([
@@ -108,8 +109,7 @@ def format_table(rows: list[dict]) -> str:
             num(r.get("val_loss"), ".4f"),
             num(r.get("val_bpb"), ".4f"),
             num(r.get("step"), "d"),
-            (r.get("error") or "")[:60],
-        ])
+        ] + ([(r.get("error") or "")[:80]] if notes else []))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
