@@ -154,7 +154,12 @@ def cli_modal_section(argv: list[str]):
 
 def _static_modal_section():
     """Settings the decorators use: the command line's config under `modal run`, else defaults."""
-    from src.training.config import ModalConfig
+    try:
+        from src.training.config import ModalConfig
+    except ModuleNotFoundError as e:  # `modal run` reads the configs here, with the project's code
+        print(f"error: modal_app.py needs the project installed where you run `modal` ({e.name} "
+              "is missing): pip install -e .", file=sys.stderr)
+        raise SystemExit(2) from None
 
     argv = sys.argv
     under_modal_run = (len(argv) > 2 and Path(argv[0]).name in ("modal", "__main__.py")
@@ -339,8 +344,12 @@ def summary(cfg, root: Path, res=None) -> dict:
         out |= {"step": res.step, "tokens": res.tokens, "val_loss": res.val_loss,
                 "val_bpb": res.val_bpb}
     if out.get("val_loss") is None and model.is_file():
-        meta = torch.load(model, map_location="cpu", weights_only=True, mmap=True)
-        out |= {k: meta.get(k) for k in ("step", "tokens", "val_loss", "val_bpb")}
+        try:
+            meta = torch.load(model, map_location="cpu", weights_only=True, mmap=True)
+            out |= {k: meta.get(k) for k in ("step", "tokens", "val_loss", "val_bpb")}
+        except Exception as e:
+            out["note"] = f"could not read {model}: {e}"
+
     return out
 
 
@@ -382,7 +391,10 @@ def _run_torchrun(raw, cfg, root, gpus, wandb, rate, seconds, log, nodes=1, node
     cfg_file.write_text(yaml.safe_dump(raw, sort_keys=False))
     cmd = torchrun_command(cfg_file, gpus, root, wandb, nodes, node_rank, master_addr)
     log("launching: " + shlex.join(cmd))
-    env = {**os.environ, "SLM_COST_PER_HOUR": str(rate)}
+    # the workers' cost figure, and time for them to checkpoint when stopped (torchrun's 30 s
+    # default is short for a large model)
+    env = {**os.environ, "SLM_COST_PER_HOUR": str(rate),
+           "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(0.8 * STOP_MARGIN_S))}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
     run_dir, seen = root / "checkpoints" / cfg.name, 0.0
     with Deadline(seconds, pid=proc.pid) as deadline:
@@ -570,8 +582,7 @@ def prepare_part(config_yaml: str, part: dict) -> dict:
     return out
 
 
-@app.function(image=image, volumes=_volumes, secrets=[wandb_secret], cpu=1.0, timeout=86400,
-              nonpreemptible=True)
+@app.function(image=image, volumes=_volumes, cpu=1.0, timeout=86400, nonpreemptible=True)
 def sweep(config: str = DEFAULT_CONFIG, grid: str = "", gpu: str = "", set: str = "",
           group: str = "", wandb: bool = True) -> str:
     """Train each point of --grid (e.g. "training.learning_rate=1e-4,3e-4") in parallel."""

@@ -145,6 +145,31 @@ def test_sweep_function_takes_config_and_grid():
     assert {"config", "grid", "gpu", "set", "group", "wandb"} <= set(params)
 
 
+def test_data_preparation_fans_parts_out_when_the_data_module_offers_them(monkeypatch, tmp_path,
+                                                                          corpus):
+    """With plan/prepare_part/finalize in src.data.prepare, each part gets its own CPU container
+    (here: an in-process call each), and finalize gets their results in order."""
+    from src.data import prepare as prep
+
+    parts_done = []
+
+    def prepare_part(cfg, root, part):
+        parts_done.append(part)
+        return {"done": part["i"]}
+
+    def finalize(cfg, root, results):
+        assert results == [{"done": 0}, {"done": 1}, {"done": 2}]
+        return prep.prepare(cfg, root, log=lambda *a: None)
+
+    monkeypatch.setattr(prep, "plan", lambda cfg, root: [{"i": i} for i in range(3)], raising=False)
+    monkeypatch.setattr(prep, "prepare_part", prepare_part, raising=False)
+    monkeypatch.setattr(prep, "finalize", finalize, raising=False)
+    monkeypatch.setenv("SLM_DATA_ROOT", str(tmp_path))
+    out = modal_app.prepare_data.local(config_path="configs/tiny.yaml", set=fast_set(corpus))
+    assert parts_done == [{"i": 0}, {"i": 1}, {"i": 2}]
+    assert out["train_tokens"] > 0 and Path(out["dir"]).parent == tmp_path / "datasets"
+
+
 # ----------------------------------------------------------------------------- multi-GPU launch
 
 
