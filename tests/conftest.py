@@ -30,6 +30,7 @@ FAST = {
     "training.log_every": 2,
     "training.num_samples": 1,
     "training.sample_tokens": 8,
+    "training.max_seconds": None,  # step budgets only: the schedule must not depend on time
 }
 
 
@@ -60,7 +61,7 @@ def fast_args(corpus, **kw) -> list[str]:
     o = {**FAST, "data.source": str(corpus), **{k.replace("__", "."): v for k, v in kw.items()}}
     out = []
     for k, v in o.items():
-        out += [f"--{k}", str(v)]
+        out += [f"--{k}", "null" if v is None else str(v)]
     return out
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 import shutil
 import time
@@ -71,8 +72,9 @@ def _split_docs(data_cfg):
         return (lambda: sources.iter_documents(d.source, d.text_field)), (
             lambda: sources.iter_documents(d.val_source, d.text_field)
         )
-    docs = list(islice(sources.iter_documents(d.source, d.text_field), MIN_DOCS_FOR_SPLIT))
-    if len(docs) < MIN_DOCS_FOR_SPLIT:  # few documents: hold out each one's tail
+    need = max(MIN_DOCS_FOR_SPLIT, math.ceil(2 / d.val_fraction))  # >= 2 validation documents
+    n_docs = sum(1 for _ in islice(sources.iter_documents(d.source, d.text_field), need))
+    if n_docs < need:  # few documents: hold out each one's tail
 
         def tail(keep_val: bool):
             for text in sources.iter_documents(d.source, d.text_field):
@@ -85,7 +87,7 @@ def _split_docs(data_cfg):
 
     def pick(val: bool):
         for i, text in enumerate(sources.iter_documents(d.source, d.text_field)):
-            if sources.is_val_document(i, text, d.val_fraction) == val:
+            if sources.is_val_document(i, d.val_fraction) == val:
                 yield text
 
     return (lambda: pick(False)), (lambda: pick(True))

@@ -39,7 +39,7 @@ class DataConfig(_Section):
     val_source: str | None = Field(None, description="separate validation text (else a split)")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="share of documents for validation")
     tokenizer: Literal["bpe", "bytes", "char", "gpt2"] = Field("bpe", description="tokenizer kind")
-    vocab_size: int = Field(4096, ge=258, description="vocab of a trained bpe tokenizer")
+    vocab_size: int = Field(4096, ge=258, description="vocab of a trained bpe tokenizer (bpe only)")
     tokenizer_sample_bytes: int = Field(
         50_000_000, ge=1000, description="text sampled to train a bpe tokenizer"
     )
@@ -227,15 +227,11 @@ def _cross_checks(cfg: Config) -> list[str]:
             "lower seq_len or raise block_size"
         )
     tok_vocab = FIXED_VOCAB.get(d.tokenizer, d.vocab_size if d.tokenizer == "bpe" else None)
-    if d.tokenizer == "gpt2" and "vocab_size" in d.model_fields_set:
-        errs.append("data.vocab_size: the gpt2 tokenizer has a fixed vocab of 50257; remove the key")
     if m.vocab_size is not None and tok_vocab is not None and m.vocab_size < tok_vocab:
         errs.append(
             f"model.vocab_size: {m.vocab_size} is smaller than the {d.tokenizer} tokenizer's "
             f"{tok_vocab} tokens; remove model.vocab_size or set it to at least {tok_vocab}"
         )
-    if d.tokenizer == "bytes" and "vocab_size" in d.model_fields_set:
-        errs.append("data.vocab_size: the bytes tokenizer has a fixed vocab of 257; remove the key")
     return errs
 
 

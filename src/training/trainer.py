@@ -218,6 +218,15 @@ def make_samples(model, tok, cfg: Config, device, step: int) -> list[dict]:
     return out
 
 
+def _nonfinite_error(step: int, run_dir: Path, at_or_before: bool = False) -> SLMError:
+    when = f"at or before step {step}" if at_or_before else f"at step {step}"
+    return SLMError(
+        f"loss or gradients became NaN/Inf {when}; stopped without saving, so the last good "
+        f"checkpoint in {run_dir} is kept. Lower training.learning_rate, check the data, or set "
+        "training.skip_nonfinite: true to skip such steps"
+    )
+
+
 def train(
     cfg: Config,
     data_root: str | Path = "data",
@@ -236,10 +245,9 @@ def train(
     cost_per_hour: USD per hour of the machines (default $SLM_COST_PER_HOUR; Modal passes the GPU
     price x GPUs): logs cost_usd, and modal.max_cost_usd then ends the run like a finished one.
     """
-    t0 = time.time()
     t = cfg.training
     ctx = dist.setup(device)
-    rank, world, master = ctx.rank, ctx.world_size, ctx.rank == 0
+    world, master = ctx.world_size, ctx.rank == 0
     dev = ctx.device if ctx.device is not None else resolve_device(device)
     say = log if master else (lambda *a, **k: None)
     if t.threads and dev.type == "cpu":
@@ -269,14 +277,14 @@ def train(
             state = ckpt.load(state_path)
     try:
         return _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb,
-                      on_checkpoint, say, t0, cost_per_hour)
+                      on_checkpoint, say, cost_per_hour)
     finally:
         if lock:
             lock.release()
         dist.teardown()
 
 
-def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_checkpoint, say, t0,
+def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_checkpoint, say,
            cost_per_hour=None):
     t = cfg.training
     if cost_per_hour is None and os.environ.get("SLM_COST_PER_HOUR"):
@@ -389,8 +397,8 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             on_checkpoint(path)
         return path
 
-    start = time.time()
-    elapsed = lambda: elapsed_before + (time.time() - t0)  # noqa: E731
+    start = time.time()  # the budget counts training time (data preparation excluded)
+    elapsed = lambda: elapsed_before + (time.time() - start)  # noqa: E731
     cost = lambda: cost_per_hour * elapsed() / 3600 if cost_per_hour else None  # noqa: E731
     # rank 0 decides, so every rank stops at the same step
     over_budget = lambda: bool(budget) and dist.broadcast_object(cost() >= budget)  # noqa: E731
@@ -408,6 +416,7 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
         model_path = Path(data_root) / "models" / f"{cfg.name}_final.pt"
         return Result(run_dir, state_path, model_path, step, tokens, None, None)
     win_tokens, win_start = 0, time.time()
+    bad_seen = torch.zeros((), dtype=torch.bool, device=dev) if dev.type == "cuda" else None
     model.train()
     with _Signals() as sig:
         while progress(step, tokens, elapsed()) < 1.0 and not stopped:
@@ -424,9 +433,11 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             if scaler:
                 scaler.unscale_(optimizer)
             gnorm = dist.clip_grad_norm(model, t.grad_clip, ctx)
-            finite = torch.isfinite(loss_sum) & torch.isfinite(gnorm)
-            if not bool(finite):  # a sync, but only a bool; NaN guard is worth it
-                dist.all_reduce_sum(loss_sum)
+            # fp16's scaler skips steps with overflowing gradients itself; a NaN loss is ours
+            finite = torch.isfinite(loss_sum) if scaler else torch.isfinite(loss_sum) & torch.isfinite(gnorm)
+            if dev.type == "cuda" and not t.skip_nonfinite:
+                bad_seen |= ~finite  # checked at log/eval/checkpoint steps: no per-step sync
+            elif not bool(finite):
                 if t.skip_nonfinite:
                     optimizer.zero_grad(set_to_none=True)
                     say(f"warning: non-finite loss/gradients at step {step + 1}; update skipped")
@@ -434,11 +445,7 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
                     tokens += tokens_per_step
                     metrics.log({"step": step, "skipped_nonfinite": 1})
                     continue
-                raise SLMError(
-                    f"loss or gradients became NaN/Inf at step {step + 1}; the last good "
-                    f"checkpoint in {run_dir} is kept. Lower training.learning_rate, check the "
-                    "data, or set training.skip_nonfinite: true"
-                )
+                raise _nonfinite_error(step + 1, run_dir)
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -450,6 +457,10 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             win_tokens += tokens_per_step
 
             last = progress(step, tokens, elapsed()) >= 1.0
+            boundary = last or step % t.log_every == 0 or step % t.eval_every == 0 or (
+                step % t.checkpoint_every == 0) or sig.got is not None
+            if bad_seen is not None and boundary and bool(bad_seen):
+                raise _nonfinite_error(step, run_dir, at_or_before=True)
             if budget and not last and step % t.log_every == 0 and over_budget():
                 say(f"budget reached: ${cost():.2f} of modal.max_cost_usd ${budget:.2f} at step "
                     f"{step}; stopping with a checkpoint")
