@@ -33,7 +33,7 @@ MODAL_BIN = Path(sys.executable).parent / "modal"
 def fast_set(corpus, **kw) -> str:
     """FAST overrides as a --set string (the launcher's own override syntax)."""
     o = {**FAST, "data.source": str(corpus), **{k.replace("__", "."): v for k, v in kw.items()}}
-    return " ".join(shlex.quote(f"{k}={v}") for k, v in o.items())
+    return " ".join(shlex.quote(f"{k}={'null' if v is None else v}") for k, v in o.items())
 
 
 def options(fn):
