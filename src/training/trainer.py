@@ -105,7 +105,9 @@ class RunLock:
         self.f = open(self.path, "a+")
         try:
             fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if not isinstance(e, BlockingIOError):  # a file system without locks: go on unlocked
+                return
             self.f.seek(0)
             who = self.f.read().strip() or "another process"
             self.f.close()
@@ -289,15 +291,18 @@ def train(
     use_wandb: bool = True,
     on_checkpoint=None,
     log=print,
+    cost_per_hour: float | None = None,
 ) -> Result:
     """Train cfg to its budget; resume from the run's newest checkpoint unless told otherwise.
 
     resume: 'auto' (newest checkpoint of this run, if any), 'never' (move the old run aside and
     start over) or a checkpoint path. on_checkpoint(path) is called after each save (Modal
     commits its volume there). Raises Interrupted after saving on SIGTERM/SIGINT.
+    cost_per_hour: USD per hour of the machines (default $SLM_COST_PER_HOUR; Modal passes the GPU
+    price x GPUs): logs cost_usd, and modal.max_cost_usd then ends the run like a finished one.
     """
     try:
-        return _launch(cfg, data_root, device, resume, use_wandb, on_checkpoint, log)
+        return _launch(cfg, data_root, device, resume, use_wandb, on_checkpoint, log, cost_per_hour)
     except Interrupted:
         raise
     except Exception as e:  # under torchrun: name this rank's error in torchrun's summary
@@ -307,7 +312,7 @@ def train(
         raise err from None
 
 
-def _launch(cfg, data_root, device, resume, use_wandb, on_checkpoint, log) -> Result:
+def _launch(cfg, data_root, device, resume, use_wandb, on_checkpoint, log, cost_per_hour) -> Result:
     t = cfg.training
     dist.check_launch(cfg, dist.world_size(), device)
     ctx = dist.setup(device, t.parallelism)
@@ -341,15 +346,19 @@ def _launch(cfg, data_root, device, resume, use_wandb, on_checkpoint, log) -> Re
                 state_path = Path(state_path)
                 state = ckpt.load(state_path, mmap=True)
         return _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb,
-                      on_checkpoint, say)
+                      on_checkpoint, say, cost_per_hour)
     finally:
         if lock:
             lock.release()
         dist.teardown()
 
 
-def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_checkpoint, say):
+def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_checkpoint, say,
+           cost_per_hour=None):
     t = cfg.training
+    if cost_per_hour is None and os.environ.get("SLM_COST_PER_HOUR"):
+        cost_per_hour = float(os.environ["SLM_COST_PER_HOUR"])
+    budget = cfg.modal.max_cost_usd if cost_per_hour else None
     rank, world, master = ctx.rank, ctx.world_size, ctx.rank == 0
 
     # --- data (rank 0 tokenizes; the others wait and then read the same shards)
@@ -487,14 +496,21 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
 
     start = time.time()  # the budget counts training time (data preparation excluded)
     elapsed = lambda: elapsed_before + (time.time() - start)  # noqa: E731
-    # Decisions that depend on time (lr, stopping) use rank 0's clock, so all ranks agree.
+    # Decisions that depend on time (lr, stopping, cost) use rank 0's clock, so all ranks agree.
     synced = [dist.broadcast_object(elapsed())]
     clock = elapsed if world == 1 else (lambda: synced[0])
+    cost = lambda: cost_per_hour * clock() / 3600 if cost_per_hour else None  # noqa: E731
+    over_budget = lambda: bool(budget) and cost() >= budget  # noqa: E731
+    stopped = False
     last_val = {}
     p_start = progress(step, tokens, clock())
-    if p_start >= 1.0 and state is not None:
-        say(f"run '{cfg.name}' is already complete at step {step} ({state_path}); "
-            "--resume never starts it over")
+    if state is not None and (p_start >= 1.0 or over_budget()):
+        if p_start >= 1.0:
+            say(f"run '{cfg.name}' is already complete at step {step} ({state_path}); "
+                "--resume never starts it over")
+        else:
+            say(f"run '{cfg.name}' stopped at its budget modal.max_cost_usd ${budget:.2f} (step "
+                f"{step}); raise modal.max_cost_usd to continue it")
         metrics.close()
         model_path = Path(data_root) / "models" / f"{cfg.name}_final.pt"
         return Result(run_dir, state_path, model_path, step, tokens, None, None)
@@ -502,7 +518,7 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
     bad_seen = torch.zeros((), dtype=torch.bool, device=dev) if dev.type == "cuda" else None
     model.train()
     with _Signals() as sig:
-        while progress(step, tokens, clock()) < 1.0:
+        while progress(step, tokens, clock()) < 1.0 and not stopped:
             factor = lr_factor(t, step, progress(step, tokens, clock()))
             set_lr(optimizer, factor)
             loss_sum = torch.zeros((), device=dev)
@@ -547,6 +563,10 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
                 step % t.checkpoint_every == 0) or sig.got is not None
             if bad_seen is not None and boundary and bool(bad_seen):
                 raise _nonfinite_error(step, run_dir, at_or_before=True)
+            if budget and not last and step % t.log_every == 0 and over_budget():
+                say(f"budget reached: ${cost():.2f} of modal.max_cost_usd ${budget:.2f} at step "
+                    f"{step}; stopping with a checkpoint")
+                stopped = last = True
             if step % t.log_every == 0 or last or step == 1:
                 now = time.time()
                 tps = win_tokens / max(now - win_start, 1e-9)
@@ -565,6 +585,8 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
                     "mfu": tps * flops_tok / peak if peak else None,
                     "eta_seconds": eta,
                 }
+                if cost_per_hour:
+                    row["cost_usd"] = cost()
                 if dev.type == "cuda":
                     row["memory/peak_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
                 metrics.log(row)

@@ -1,0 +1,214 @@
+"""What a run costs on Modal, before it starts: GPU-hours and dollars from FLOPs.
+
+    slm cost --config configs/gpt_350m.yaml
+    slm cost --config configs/gpt_124m.yaml --gpu H100:8 --training.max_steps 20000
+    slm cost --config configs/gpt_124m.yaml --metrics data/checkpoints/gpt_124m/metrics.jsonl
+
+    hours   = FLOPs per token x tokens / (GPU peak FLOP/s x MFU x GPUs)
+    dollars = hours x price per GPU-hour x GPUs
+
+FLOPs per token come from the model (6N + attention), tokens from the config's budget, the peak
+from src/training/hardware.py, the price from PRICE_PER_GPU_HOUR below (Modal's list prices, the
+one place they are kept). MFU (model FLOPs utilisation) is ASSUMED_MFU unless --mfu gives one or
+--metrics points at a run's metrics.jsonl with measured MFU. Container start-up and data
+preparation are not included.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+from src.errors import SLMError
+
+# USD per GPU-hour, Modal's list prices. Multi-GPU containers pay per GPU.
+PRICE_PER_GPU_HOUR = {
+    "T4": 0.59,
+    "L4": 0.80,
+    "A10": 1.10,
+    "L40S": 1.95,
+    "A100-40GB": 2.10,
+    "A100-80GB": 2.50,
+    "H100": 3.95,
+    "H200": 4.54,
+    "B200": 6.25,
+}
+_ALIASES = {"A10G": "A10", "A100": "A100-40GB"}  # other names Modal accepts for the same cards
+ASSUMED_MFU = 0.35  # a well-tuned GPT on one modern GPU reaches 35-50%; small models and T4s less
+
+
+def gpu_price(kind: str) -> float:
+    """USD per GPU-hour of one GPU of this kind ('H100', 'A100-80GB', ...)."""
+    key = _ALIASES.get(kind.upper(), kind.upper())
+    if key not in PRICE_PER_GPU_HOUR:
+        raise SLMError(f"no price for GPU '{kind}'; known: {', '.join(PRICE_PER_GPU_HOUR)}")
+    return PRICE_PER_GPU_HOUR[key]
+
+
+def gpu_count(gpu: str, nodes: int = 1) -> tuple[str, int]:
+    """'H100:8' with 2 nodes -> ('H100', 16): the GPU kind and how many are billed."""
+    from src.training.config import parse_gpu
+
+    try:
+        kind, n = parse_gpu(gpu)
+    except ValueError as e:
+        raise SLMError(f"--gpu: {e}") from None
+    return kind, n * nodes
+
+
+def cost_per_hour(gpu: str, nodes: int = 1) -> float:
+    """USD per hour of a run on `gpu` ('H100:8') across `nodes` containers."""
+    kind, n = gpu_count(gpu, nodes)
+    return gpu_price(kind) * n
+
+
+@dataclass
+class Estimate:
+    gpu: str
+    gpus: int
+    price_per_gpu_hour: float
+    flops_per_token: float
+    tokens: int
+    flops: float
+    peak_tflops: float
+    mfu: float
+    mfu_source: str
+    hours: float
+    cost_usd: float
+    attempts: int
+
+    @property
+    def cost_per_hour(self) -> float:
+        return self.price_per_gpu_hour * self.gpus
+
+
+def measured_mfu(metrics_path: str | Path) -> float:
+    """Median MFU of the second half of a run's logged steps (past compile and warm-up)."""
+    p = Path(metrics_path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    if not p.is_file():
+        raise SLMError(f"--metrics {metrics_path}: no such metrics.jsonl")
+    vals = []
+    for line in p.read_text().splitlines():
+        try:
+            v = json.loads(line).get("mfu")
+        except ValueError:
+            continue
+        if isinstance(v, (int, float)) and v > 0:
+            vals.append(float(v))
+    if not vals:
+        raise SLMError(f"{p} has no MFU figures (runs on a CPU do not measure it); use --mfu")
+    return statistics.median(vals[len(vals) // 2:])
+
+
+def _flops_per_token(cfg) -> float:
+    import torch
+
+    from src.model.gpt import GPT
+
+    mcfg = cfg.model
+    if mcfg.vocab_size is None:  # char tokenizer: known after preparation; 256 is close enough
+        mcfg = mcfg.model_copy(update={"vocab_size": 256})
+    with torch.device("meta"):
+        return GPT(mcfg).flops_per_token(cfg.seq_len)
+
+
+def estimate(cfg, gpu: str | None = None, mfu: float | None = None,
+             mfu_source: str | None = None) -> Estimate:
+    """Expected hours and dollars of cfg on Modal (gpu defaults to cfg.modal.gpu)."""
+    from src.training.hardware import gpu_peak_tflops
+
+    gpu = gpu or cfg.modal.gpu
+    kind, n = gpu_count(gpu, cfg.modal.nodes)
+    t = cfg.training
+    per_step = cfg.tokens_per_step(n)
+    tokens = per_step * t.max_steps
+    if t.max_tokens:
+        tokens = min(tokens, math.ceil(t.max_tokens / per_step) * per_step)
+    fpt = _flops_per_token(cfg)
+    steps = tokens // per_step
+    evals = steps // t.eval_every + 1
+    flops = fpt * tokens + evals * t.eval_tokens * fpt / 3  # evaluation: forward passes only
+    peak = gpu_peak_tflops(kind)
+    if mfu is None:
+        mfu, mfu_source = ASSUMED_MFU, "assumed"
+    if not 0 < mfu <= 1:
+        raise SLMError(f"--mfu {mfu}: give the utilisation as a fraction, e.g. 0.4")
+    hours = flops / (peak * 1e12 * mfu * n) / 3600
+    if t.max_seconds:
+        hours = min(hours, t.max_seconds / 3600)
+    price = gpu_price(kind)
+    return Estimate(
+        gpu=gpu, gpus=n, price_per_gpu_hour=price, flops_per_token=fpt, tokens=tokens,
+        flops=flops, peak_tflops=peak, mfu=mfu, mfu_source=mfu_source or "given",
+        hours=hours, cost_usd=hours * price * n,
+        attempts=max(1, math.ceil(hours * 3600 / cfg.modal.timeout)),
+    )
+
+
+def _hours(h: float) -> str:
+    if h < 1 / 60:
+        return f"{h * 3600:.0f} s"
+    return f"{h * 60:.0f} min" if h < 1 else f"{h:.1f} h"
+
+
+def estimate_text(cfg, gpu: str | None = None, mfu: float | None = None,
+                  mfu_source: str | None = None) -> str:
+    e = estimate(cfg, gpu, mfu, mfu_source)
+    m = cfg.modal
+    nodes = f" x {m.nodes} nodes" if m.nodes > 1 else ""
+    lines = [
+        "cost on Modal (estimate):",
+        f"  GPU:             {e.gpu}{nodes} at ${e.price_per_gpu_hour:.2f}/GPU-hour = "
+        f"${e.cost_per_hour:.2f}/hour",
+        f"  work:            {e.flops:.2e} FLOPs ({e.tokens:,} tokens x "
+        f"{e.flops_per_token:.2e} FLOPs/token, with evaluation)",
+        f"  speed:           {100 * e.mfu:.0f}% MFU ({e.mfu_source}) of {e.peak_tflops:.0f} "
+        f"TFLOP/s per GPU",
+        f"  time:            {_hours(e.hours)} ({e.hours * e.gpus:.1f} GPU-hours)",
+        f"  cost:            ${e.cost_usd:,.2f} (plus container start-up and data preparation)",
+    ]
+    if e.attempts > 1:
+        fits = e.attempts <= m.retries + 1
+        lines.append(
+            f"  attempts:        {e.attempts} of modal.timeout {_hours(m.timeout / 3600)}; "
+            + ("each continues from the last checkpoint" if fits else
+               f"more than modal.retries+1 = {m.retries + 1}: re-run the command when it stops, "
+               "and it continues")
+        )
+    if m.max_cost_usd is not None and e.cost_usd > m.max_cost_usd:
+        share = 100 * m.max_cost_usd / e.cost_usd
+        lines.append(f"  budget:          stops at modal.max_cost_usd ${m.max_cost_usd:,.2f}, "
+                     f"about {share:.0f}% of the way")
+    return "\n".join(lines)
+
+
+def cmd_cost(args, extra) -> int:
+    from src.cli import load_cfg
+
+    if args.gpu:
+        extra = [*extra, "--modal.gpu", args.gpu]
+    cfg = load_cfg(args, extra)
+    mfu, source = args.mfu, "given" if args.mfu else None
+    if args.metrics:
+        mfu, source = measured_mfu(args.metrics), f"measured in {args.metrics}"
+    print(f"{cfg.name}: {args.config}")
+    print(estimate_text(cfg, mfu=mfu, mfu_source=source))
+    return 0
+
+
+def register(sub) -> None:
+    from src.cli import add_config_args
+
+    p = sub.add_parser("cost", help="estimate GPU-hours and dollars of a config on Modal")
+    add_config_args(p)
+    p.add_argument("--gpu", default=None, help="GPU to price instead of modal.gpu, e.g. H100:8")
+    p.add_argument("--mfu", type=float, default=None,
+                   help=f"model FLOPs utilisation to assume (default {ASSUMED_MFU})")
+    p.add_argument("--metrics", default=None,
+                   help="a run's metrics.jsonl (or run folder): use the MFU it measured")
+    p.set_defaults(fn=cmd_cost)
