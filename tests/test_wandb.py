@@ -241,6 +241,7 @@ for stat in Path('/proc').glob('[0-9]*/stat'):  # kill our child: W&B's service 
     p = train_with_hook(crash_wandb, root, args)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "warning: W&B failed" in p.stdout and "training continues" in p.stdout
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
     run_dir = root / "checkpoints" / "wb-crash"
     assert (run_dir / "final.pt").is_file()
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]

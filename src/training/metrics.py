@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -97,13 +98,17 @@ class Console:
         from tqdm import tqdm
 
         p = row.get("progress")
-        if p is None:
-            p = row["step"] / self.max_steps
+        n = min(1000, int(1000 * (p if p is not None else row["step"] / self.max_steps)))
+        text = " | ".join(self._parts(row, plain=False))
         if self.bar is None:
-            self.bar = tqdm(total=1000, file=self.out, dynamic_ncols=True, leave=True,
-                            bar_format="{percentage:3.0f}%|{bar:24}| {postfix}")
-        self.bar.n = min(1000, int(1000 * p))
-        self.bar.set_postfix_str(" | ".join(self._parts(row, plain=False)))
+            # A terminal that reports no size (0 x 0) would hide the bar: assume 100 x 24.
+            size = shutil.get_terminal_size((100, 24))
+            self.bar = tqdm(total=1000, initial=n, desc=text, file=self.out, ncols=size.columns,
+                            nrows=size.lines, leave=True,
+                            bar_format="{percentage:3.0f}%|{bar:20}| {desc}")
+        else:
+            self.bar.n = n
+            self.bar.set_description_str(text, refresh=True)
 
     def _write(self, text: str) -> None:
         if self.bar is not None:

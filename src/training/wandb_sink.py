@@ -17,6 +17,7 @@ resume="allow", so W&B shows one run whose steps keep increasing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -306,7 +307,14 @@ class WandbSink:
         if run is None:
             return
         folder = Path(run.dir).parent
-        run.finish(exit_code=128 + self._signal if self._signal else None)
+        try:
+            run.finish(exit_code=128 + self._signal if self._signal else None)
+        except Exception:
+            # W&B's service is gone: drop its connection now (a later run in this process gets
+            # a fresh one, and no exit hook prints a traceback for it), then report as usual.
+            with contextlib.suppress(Exception):
+                self.wandb.teardown()
+            raise
         if self.mode == "offline" or getattr(run, "_finish_timed_out", False):
             self._log(f"W&B run saved offline in {folder}; upload it (with any earlier attempts "
                       f"of this run) with:\n  wandb sync {_shown(folder.parent)}")
