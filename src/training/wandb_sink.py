@@ -319,7 +319,7 @@ class WandbSink:
             self._log(f"W&B run saved offline in {folder}; upload it (with any earlier attempts "
                       f"of this run) with:\n  wandb sync {_shown(folder.parent)}")
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ internals
 
     def _artifact(self, path: Path, aliases: list[str], metadata: dict) -> None:
         art = self.wandb.Artifact(f"{self.cfg.name}-model", type="model",
