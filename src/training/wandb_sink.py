@@ -180,7 +180,7 @@ class WandbSink:
         self._signal: int | None = None
         self._last_val: dict | None = None
         self._samples: list[list] = []
-        self._dropped: list[int] = []
+        self._dropped = 0  # rows W&B already had (see _floor)
         self._best = None
         if resumed:
             self._samples = _previous_samples(self.run_dir / "metrics.jsonl")
@@ -207,8 +207,9 @@ class WandbSink:
         # Rows below the first step W&B expects would be dropped by W&B (steps must increase):
         # a resumed online run after a hard kill already has the steps past its last checkpoint.
         self._floor = int(getattr(self.run, "starting_step", 0) or 0) if resumed else 0
-        for key in ("train/loss", "val/loss", "val/bpb"):
-            self.run.define_metric(key, summary="min")
+        with contextlib.suppress(Exception):  # only a nicety of the run's summary
+            for key in ("train/loss", "val/loss", "val/bpb"):
+                self.run.define_metric(key, summary="min")
         if self.mode == "online" and self.run.url:
             log(f"W&B run: {self.run.url}")
         else:
@@ -248,7 +249,7 @@ class WandbSink:
                 self._log(f"note: W&B already has steps up to {self._floor - 1} from the "
                           "interrupted attempt; rows up to there are not sent again "
                           "(metrics.jsonl has them)")
-            self._dropped.append(step)
+            self._dropped += 1
             return
         data = {k: v for k, v in row.items()
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
