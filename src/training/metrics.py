@@ -1,13 +1,20 @@
 """Where metrics go: metrics.jsonl (always, the local source of truth), the console, and W&B.
 
-Each sink takes the same calls; a sink that fails is reported once and switched off, so a
-monitoring problem never stops training.
+Every sink takes the same calls: log(row) and close(), and optionally on_checkpoint(path, step),
+on_final(final_ckpt, model_path, last_val) and on_interrupt(signum). A sink that raises is
+reported once and switched off, so a monitoring problem never stops training.
+
+A row is a flat dict with `step` and any of: tokens, time, train/loss, lr, grad_norm,
+tokens_per_sec, mfu, eta_seconds, progress, memory/*, cost_usd (training rows); val/loss, val/ppl,
+val/bpb and samples [{prompt, text}] (evaluation rows).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import resource
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,6 +22,8 @@ from pathlib import Path
 
 class JsonlSink:
     """One JSON object per line in <run>/metrics.jsonl; rows past a resumed step are dropped."""
+
+    name = "metrics.jsonl"
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
@@ -33,7 +42,8 @@ class JsonlSink:
         self.f = open(path, "a", buffering=1)
 
     def log(self, row: dict) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                 for k, v in row.items()}
         self.f.write(json.dumps(clean) + "\n")
 
     def close(self) -> None:
@@ -41,39 +51,86 @@ class JsonlSink:
 
 
 class Console:
-    """A progress line per log interval: step, loss, tokens/s, MFU, ETA."""
+    """Progress: a bar (tqdm) on a terminal, one plain line per log interval otherwise.
 
-    def __init__(self, max_steps: int, out=sys.stdout):
-        self.max_steps, self.out = max_steps, out
+    Both show step, loss, tokens/s, MFU (where the GPU's peak is known), ETA and cost; plain lines
+    keep logs that are not terminals (Modal's, files, CI) readable.
+    """
+
+    name = "console"
+
+    def __init__(self, max_steps: int, out=None, bar: bool | None = None):
+        self.max_steps = max_steps
+        self.out = out or sys.stdout
+        self.use_bar = _isatty(self.out) if bar is None else bar
+        self.bar = None
 
     def log(self, row: dict) -> None:
         if "train/loss" in row:
-            eta = row.get("eta_seconds")
-            parts = [
-                f"step {row['step']:>6}/{self.max_steps}",
-                f"loss {row['train/loss']:.4f}",
-                f"lr {row['lr']:.2e}",
-                f"{row['tokens_per_sec']:,.0f} tok/s",
-            ]
-            if row.get("mfu") is not None:
-                parts.append(f"MFU {100 * row['mfu']:.1f}%")
-            if eta is not None:
-                parts.append(f"ETA {_fmt_secs(eta)}")
-            if row.get("cost_usd") is not None:
-                parts.append(f"${row['cost_usd']:.2f}")
-            print(" | ".join(parts), file=self.out, flush=True)
+            if self.use_bar:
+                self._update_bar(row)
+            else:
+                self._write(" | ".join(self._parts(row, plain=True)))
         if "val/loss" in row:
-            print(
-                f"step {row['step']:>6} | val loss {row['val/loss']:.4f} | "
-                f"val bpb {row['val/bpb']:.4f}",
-                file=self.out,
-                flush=True,
-            )
-        for s in row.get("samples", []):
-            print(f"--- sample (step {row['step']}) ---\n{s['prompt']}{s['text']}\n---", file=self.out)
+            bpb = row.get("val/bpb")
+            self._write(f"step {row['step']:>6} | val loss {row['val/loss']:.4f}"
+                        + (f" | val bpb {bpb:.4f}" if bpb is not None else ""))
+        for s in row.get("samples") or []:
+            self._write(f"--- sample (step {row['step']}) ---\n{s['prompt']}{s['text']}\n---")
+
+    def _parts(self, row: dict, plain: bool) -> list[str]:
+        step = f"step {row['step']:>6}/{self.max_steps}" if plain else \
+            f"step {row['step']}/{self.max_steps}"
+        parts = [step, f"loss {row['train/loss']:.4f}"]
+        if plain and row.get("lr") is not None:
+            parts.append(f"lr {row['lr']:.2e}")
+        if row.get("tokens_per_sec") is not None:
+            parts.append(f"{_fmt_rate(row['tokens_per_sec'])} tok/s")
+        if row.get("mfu") is not None:
+            parts.append(f"MFU {100 * row['mfu']:.1f}%")
+        if row.get("eta_seconds") is not None:
+            parts.append(f"ETA {_fmt_secs(row['eta_seconds'])}")
+        if row.get("cost_usd") is not None:
+            parts.append(f"${row['cost_usd']:.2f}")
+        return parts
+
+    def _update_bar(self, row: dict) -> None:
+        from tqdm import tqdm
+
+        p = row.get("progress")
+        n = min(1000, int(1000 * (p if p is not None else row["step"] / self.max_steps)))
+        text = " | ".join(self._parts(row, plain=False))
+        if self.bar is None:
+            # A terminal that reports no size (0 x 0) would hide the bar: assume 100 x 24.
+            size = shutil.get_terminal_size((100, 24))
+            self.bar = tqdm(total=1000, initial=n, desc=text, file=self.out, ncols=size.columns,
+                            nrows=size.lines, leave=True,
+                            bar_format="{percentage:3.0f}%|{bar:20}| {desc}")
+        else:
+            self.bar.n = n
+            self.bar.set_description_str(text, refresh=True)
+
+    def _write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.out)
+        else:
+            print(text, file=self.out, flush=True)
 
     def close(self) -> None:
-        pass
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _isatty(f) -> bool:
+    try:
+        return bool(f.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _fmt_rate(x: float) -> str:
+    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e4 else f"{x:,.0f}"
 
 
 def _fmt_secs(s: float) -> str:
@@ -81,19 +138,21 @@ def _fmt_secs(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory (the CPU counterpart of CUDA's peak allocation)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**30 if sys.platform == "darwin" else rss / 2**20  # bytes on macOS, KiB on Linux
+
+
 class Metrics:
-    """Fans rows out to sinks; a sink that raises gets a warning and is dropped."""
+    """Fans rows out to sinks; a sink that raises gets a warning and is switched off."""
 
     def __init__(self, sinks: list, log=print):
-        self.sinks, self._log = list(sinks), log
+        self.sinks, self._log = [s for s in sinks if s is not None], log
         self.start = time.time()
 
     def log(self, row: dict) -> None:
-        for s in list(self.sinks):
-            try:
-                s.log(row)
-            except Exception as e:  # a monitoring failure must never stop training
-                self._drop(s, e)
+        self.call("log", row)
 
     def call(self, method: str, *args) -> None:
         for s in list(self.sinks):
@@ -102,13 +161,21 @@ class Metrics:
                 continue
             try:
                 fn(*args)
-            except Exception as e:
-                self._drop(s, e)
+            except Exception as e:  # a monitoring failure must never stop training
+                self._drop(s, method, e)
 
-    def _drop(self, sink, e: Exception) -> None:
-        self._log(f"warning: {type(sink).__name__} failed ({type(e).__name__}: {e}); "
-                  "training continues, metrics.jsonl is still written")
+    def _drop(self, sink, method: str, e: Exception) -> None:
+        name = getattr(sink, "name", type(sink).__name__)
+        still = [getattr(s, "name", type(s).__name__) for s in self.sinks if s is not sink]
+        self._log(f"warning: {name} failed in {method} ({type(e).__name__}: {e}); it is switched "
+                  f"off and training continues (still written: {', '.join(still) or 'nothing'})")
         self.sinks.remove(sink)
+        if method != "close":
+            try:  # let it flush what it has (a W&B run gets finished)
+                sink.close()
+            except Exception:
+                pass
 
     def close(self) -> None:
         self.call("close")
+        self.sinks = []

@@ -35,7 +35,7 @@ from src.training import checkpoint as ckpt
 from src.training import distributed as dist
 from src.training.config import Config
 from src.training.hardware import peak_flops, resolve_device
-from src.training.metrics import Console, JsonlSink, Metrics
+from src.training.metrics import Console, JsonlSink, Metrics, peak_rss_gb
 from src.training.optim import build_optimizer, lr_factor, set_lr
 
 CKPT_FORMAT = 1
@@ -448,11 +448,15 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
     if master:
         sinks = [JsonlSink(run_dir / "metrics.jsonl", step if state is not None else None),
                  Console(t.max_steps)]
-        if use_wandb and cfg.wandb.mode != "disabled":
-            from src.training.wandb_sink import WandbSink
+        if use_wandb:
+            from src.training.wandb_sink import open_wandb
 
-            sinks.append(WandbSink(cfg, run_dir, wandb_id, resumed=state is not None, log=say))
-            wandb_id = sinks[-1].run_id
+            extra = {"params": model.num_params(), "tokens_per_step": tokens_per_step,
+                     "grad_accum": accum, "world_size": world, "device": str(dev)}
+            wb = open_wandb(cfg, run_dir, wandb_id, state is not None, extra, log=say)
+            if wb is not None:
+                sinks.append(wb)
+                wandb_id = wb.run_id
     metrics = Metrics(sinks, log=say)
 
     def progress(step_, tokens_, elapsed_):
@@ -584,11 +588,14 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
                     "flops_per_sec": tps * flops_tok,
                     "mfu": tps * flops_tok / peak if peak else None,
                     "eta_seconds": eta,
+                    "progress": p,
                 }
                 if cost_per_hour:
                     row["cost_usd"] = cost()
                 if dev.type == "cuda":
                     row["memory/peak_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
+                else:
+                    row["memory/peak_rss_gb"] = peak_rss_gb()
                 metrics.log(row)
             if step % t.eval_every == 0 or last:
                 last_val = evaluate(model, ds, cfg, dev, autocast, token_bytes, rank, world,
@@ -610,6 +617,7 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
                 path = run_dir / f"step_{step}.pt"
                 save_state(path, elapsed())
                 dist.barrier()
+                metrics.call("on_interrupt", sig.got)
                 metrics.close()
                 raise Interrupted(f"{name}: saved {path} at step {step}; re-run to resume", stop_sig)
             if step % t.checkpoint_every == 0 and not last:

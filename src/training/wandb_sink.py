@@ -1,17 +1,38 @@
-"""Weights & Biases sink: the same rows as metrics.jsonl, samples as a table, models as artifacts.
+"""Weights & Biases sink: the rows of metrics.jsonl, samples as a table, models as artifacts.
 
-Modes (wandb.mode, or $WANDB_MODE which wins): online, offline (a run folder inside the run's
-own folder; `wandb sync` uploads it later), disabled. Online without an API key is refused
-before training starts. Any W&B error during the run becomes a warning (see metrics.Metrics).
+Modes (wandb.mode, or $WANDB_MODE which wins when set): online, offline, disabled. Every mode
+keeps W&B's run folder inside the run's own folder (<run>/wandb/), so an offline run (or an
+online one whose upload did not finish) can be uploaded later with `wandb sync <run>/wandb`.
+
+What can go wrong, and what happens:
+- online, no API key: `check_online_ready` refuses before training, with the fix (local lookups
+  only: it never touches the network, so it cannot hang);
+- online, W&B unreachable when the run starts: a warning, and the run logs offline instead;
+- any W&B error during the run: a warning, W&B is switched off (metrics.Metrics drops the sink);
+  training, checkpoints and metrics.jsonl carry on.
+
+Resume: the run id is saved in every checkpoint; a resumed run calls init with the same id and
+resume="allow", so W&B shows one run whose steps keep increasing.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from src.errors import SLMError
+
+MODES = ("online", "offline", "disabled")
+_MODE_ALIASES = {"dryrun": "offline", "run": "online", "shared": "online"}
+DEFAULT_BASE_URL = "https://api.wandb.ai"
+INIT_TIMEOUT_S = 30  # W&B's default is 90 s
+FINISH_TIMEOUT_S = 600  # never block a (paid) container for ever on a slow final upload
+PROBE_TIMEOUT_S = 5
 
 
 def new_run_id() -> str:
@@ -19,74 +40,336 @@ def new_run_id() -> str:
 
 
 def resolve_mode(cfg) -> str:
-    return os.environ.get("WANDB_MODE") or cfg.wandb.mode
+    """wandb.mode from the config, unless $WANDB_MODE is set (it wins)."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if not env:
+        return cfg.wandb.mode
+    mode = _MODE_ALIASES.get(env, env)
+    if mode not in MODES:
+        raise SLMError(
+            f"$WANDB_MODE is {env!r}, which is not a W&B mode; set it to online, offline or "
+            "disabled, or unset it to use wandb.mode from the config"
+        )
+    return mode
+
+
+def _settings():
+    """wandb's global settings (env + settings files), or None; reads files only."""
+    try:
+        from wandb.sdk import wandb_setup
+
+        return wandb_setup.singleton().settings
+    except Exception:
+        return None
+
+
+def base_url() -> str:
+    s = _settings()
+    return os.environ.get("WANDB_BASE_URL") or getattr(s, "base_url", None) or DEFAULT_BASE_URL
+
+
+def find_credentials() -> tuple[str | None, str] | None:
+    """(API key, where it came from), (None, where) for an identity token file, or None.
+
+    Looks where wandb itself looks ($WANDB_API_KEY, an identity token file, the netrc file,
+    the settings files), reading local files only.
+    """
+    key = os.environ.get("WANDB_API_KEY", "").strip()
+    if key:
+        return key, "$WANDB_API_KEY"
+    token = os.environ.get("WANDB_IDENTITY_TOKEN_FILE", "").strip()
+    if token and Path(token).is_file():
+        return None, f"$WANDB_IDENTITY_TOKEN_FILE ({token})"
+    try:
+        from wandb.sdk.lib import wbauth
+
+        key = wbauth.read_netrc_auth(host=base_url())
+    except ImportError:
+        key = None
+    except Exception as e:  # wandb.errors.AuthenticationError: a key in a bad format
+        raise SLMError(
+            f"the W&B API key in your netrc file is not valid ({e}); run `wandb login --relogin`"
+        ) from None
+    if key:
+        return key, "the netrc file (wandb login)"
+    key = getattr(_settings(), "api_key", None)
+    if key:
+        return key, "the W&B settings file"
+    return None
 
 
 def check_online_ready(cfg) -> None:
-    """Fail fast, before any training, when online logging cannot work."""
+    """Fail fast, before any training, when online logging cannot work (no network used)."""
     if resolve_mode(cfg) != "online":
         return
-    if os.environ.get("WANDB_API_KEY"):
-        return
-    try:
-        import wandb
+    found = find_credentials()
+    if found is None:
+        raise SLMError(
+            "W&B logging is online but no API key was found: run `wandb login` (or set "
+            "WANDB_API_KEY; on Modal, `modal secret create wandb WANDB_API_KEY=...`), or log "
+            "offline with --wandb.mode offline, or turn it off with --no-wandb"
+        )
+    key, source = found
+    problem = None
+    if key is not None:
+        try:
+            from wandb.sdk.lib.wbauth import check_api_key
 
-        if wandb.api.api_key:
-            return
-    except Exception:
-        pass
-    raise SLMError(
-        "W&B logging is online but no API key was found: run `wandb login` (or set "
-        "WANDB_API_KEY; on Modal, `modal secret create wandb WANDB_API_KEY=...`), or log "
-        "offline with --wandb.mode offline, or turn it off with --no-wandb"
-    )
+            problem = check_api_key(key)
+        except ImportError:
+            pass
+    if problem:
+        raise SLMError(
+            f"the W&B API key from {source} is not valid: {problem} Copy the key from "
+            "https://wandb.ai/authorize into WANDB_API_KEY (on Modal, the `wandb` secret) or run "
+            "`wandb login --relogin`; or log offline with --wandb.mode offline"
+        )
+
+
+def probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """None if a TCP connection to the W&B server opens within `timeout`, else why not."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None  # only the proxy knows; let wandb try
+    parts = urlsplit(url)
+    host = parts.hostname
+    if not host:
+        return f"bad W&B server address {url!r}"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as e:
+        return f"{host}:{port}: {e.strerror or e}"
+    return None
+
+
+def open_wandb(cfg, run_dir: Path, run_id: str | None, resumed: bool, extra: dict | None = None,
+               log=print):
+    """The W&B sink for this run, or None when W&B is disabled or could not start at all.
+
+    A missing key is the user's to fix and raises SLMError; W&B's own failures only warn.
+    """
+    mode = resolve_mode(cfg)
+    if mode == "disabled":
+        return None
+    if mode == "online":
+        check_online_ready(cfg)
+    try:
+        return WandbSink(cfg, run_dir, run_id, resumed, extra=extra, log=log, mode=mode)
+    except SLMError:
+        raise
+    except Exception as e:
+        log(f"warning: W&B could not start ({type(e).__name__}: {e}); training continues "
+            "without it, metrics.jsonl is still written")
+        return None
 
 
 class WandbSink:
-    def __init__(self, cfg, run_dir: Path, run_id: str | None, resumed: bool, log=print):
+    """One W&B run per training run (across resumes). Only rank 0 makes one."""
+
+    name = "W&B"
+
+    def __init__(self, cfg, run_dir: Path, run_id: str | None, resumed: bool,
+                 extra: dict | None = None, log=print, mode: str | None = None):
         import wandb
 
-        self.wandb, self._log = wandb, log
-        self.mode = resolve_mode(cfg)
-        check_online_ready(cfg)
+        self.wandb, self._log, self.cfg = wandb, log, cfg
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.mode = mode or resolve_mode(cfg)
         self.run_id = run_id or new_run_id()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(
-            project=cfg.wandb.project,
-            entity=cfg.wandb.entity,
-            name=cfg.name,
-            group=cfg.wandb.group,
-            tags=cfg.wandb.tags or None,
-            config=cfg.to_dict(),
+        self._signal: int | None = None
+        self._last_val: dict | None = None
+        self._samples: list[list] = []
+        self._dropped = 0  # rows W&B already had (see _floor)
+        self._best = None
+        if resumed:
+            self._samples = _previous_samples(self.run_dir / "metrics.jsonl")
+            self._best = _read_json(self.run_dir / "best.json")
+
+        config = cfg.to_dict()
+        if extra:
+            config["run"] = extra
+        if self.mode == "online":
+            why = probe(base_url())
+            if why:
+                log(f"warning: cannot reach the W&B server ({why}); logging offline instead "
+                    "(upload later with the `wandb sync` command printed at the end)")
+                self.mode = "offline"
+        try:
+            self.run = self._init(config)
+        except Exception as e:
+            if self.mode != "online":
+                raise
+            log(f"warning: W&B did not start online ({type(e).__name__}: {e}); logging offline "
+                "instead (upload later with the `wandb sync` command printed at the end)")
+            self.mode = "offline"
+            self.run = self._init(config)
+        # Rows below the first step W&B expects would be dropped by W&B (steps must increase):
+        # a resumed online run after a hard kill already has the steps past its last checkpoint.
+        self._floor = int(getattr(self.run, "starting_step", 0) or 0) if resumed else 0
+        with contextlib.suppress(Exception):  # only a nicety of the run's summary
+            for key in ("train/loss", "val/loss", "val/bpb"):
+                self.run.define_metric(key, summary="min")
+        if self.mode == "online" and self.run.url:
+            log(f"W&B run: {self.run.url}")
+        else:
+            log(f"W&B run {self.run_id} logging {self.mode} to {self.folder}")
+
+    def _init(self, config: dict):
+        w = self.wandb
+        return w.init(
+            project=self.cfg.wandb.project,
+            entity=self.cfg.wandb.entity,
+            name=self.cfg.name,
+            group=self.cfg.wandb.group,
+            tags=self.cfg.wandb.tags or None,
+            job_type="train",
+            config=config,
             id=self.run_id,
             resume="allow",
-            dir=str(run_dir),
+            dir=str(self.run_dir),
             mode=self.mode,
-            settings=wandb.Settings(init_timeout=60, silent=True),
+            settings=w.Settings(init_timeout=INIT_TIMEOUT_S, finish_timeout=FINISH_TIMEOUT_S,
+                                silent=True),
         )
-        self.cfg = cfg
+
+    @property
+    def folder(self) -> Path:
+        """W&B's own run folder (<run>/wandb/offline-run-... or run-...)."""
+        return Path(self.run.dir).parent
+
+    # ------------------------------------------------------------------ sink calls
 
     def log(self, row: dict) -> None:
-        step = row["step"]
-        data = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+        step = int(row["step"])
+        if "val/loss" in row:
+            self._last_val = {k: v for k, v in row.items() if k != "samples"}
+        if step < self._floor:
+            if not self._dropped:
+                self._log(f"note: W&B already has steps up to {self._floor - 1} from the "
+                          "interrupted attempt; rows up to there are not sent again "
+                          "(metrics.jsonl has them)")
+            self._dropped += 1
+            return
+        data = {k: v for k, v in row.items()
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if row.get("samples"):
-            table = self.wandb.Table(columns=["step", "prompt", "text"])
-            for s in row["samples"]:
-                table.add_data(step, s["prompt"], s["text"])
-            data["samples"] = table
+            self._samples += [[step, s["prompt"], s["text"]] for s in row["samples"]]
+            # A fresh table holding every sample so far: the newest one shows the whole story.
+            data["samples"] = self.wandb.Table(columns=["step", "prompt", "text"],
+                                               data=[list(r) for r in self._samples])
         if data:
             self.run.log(data, step=step)
 
+    def on_checkpoint(self, path: Path, step: int) -> None:
+        """Keep the best checkpoint so far (by validation loss at that very step) as best.pt."""
+        v = self._last_val
+        if not self.cfg.wandb.log_model or not v or v.get("step") != step:
+            return
+        if self._best is not None and not v["val/loss"] < self._best["val/loss"]:
+            return
+        best = self.run_dir / "best.pt"
+        try:  # a hard link: no copy, and it outlives the pruning of step_N.pt
+            tmp = self.run_dir / ".best.pt.tmp"
+            tmp.unlink(missing_ok=True)
+            os.link(path, tmp)
+            os.replace(tmp, best)
+            src = best
+        except OSError:  # no hard links here: upload the step file at the end if it is still there
+            src = Path(path)
+        self._best = {"step": step, "tokens": v.get("tokens"), "val/loss": v["val/loss"],
+                      "val/bpb": v.get("val/bpb"), "path": str(src)}
+        (self.run_dir / "best.json").write_text(json.dumps(self._best, indent=1) + "\n")
+
     def on_final(self, final_path: Path, model_path: Path, last_val: dict) -> None:
-        if self.cfg.wandb.log_model and self.mode != "disabled":
-            art = self.wandb.Artifact(f"{self.cfg.name}-model", type="model", metadata=last_val)
-            art.add_file(str(model_path))
-            self.run.log_artifact(art, aliases=["final", "latest"])
         for k, v in last_val.items():
             self.run.summary[k] = v
+        if not self.cfg.wandb.log_model:
+            return
+        best = self._best
+        final_is_best = best is None or (last_val.get("val/loss") is not None
+                                         and last_val["val/loss"] <= best["val/loss"])
+        if not final_is_best:  # first, so that W&B's automatic "latest" goes to the final model
+            best_model = self._best_model(Path(best["path"]), Path(model_path))
+            if best_model is not None:
+                self._artifact(best_model, ["best", f"step-{best['step']}"],
+                               {"kind": "best", **{k: v for k, v in best.items() if k != "path"}})
+        aliases = ["latest", "final"] + (["best"] if final_is_best else [])
+        self._artifact(model_path, aliases, {"kind": "final", **last_val})
+        (self.run_dir / "best.pt").unlink(missing_ok=True)  # the link is no longer needed
+
+    def on_interrupt(self, signum: int) -> None:
+        """SIGTERM/SIGINT: tell W&B this run is being preempted (it will resume)."""
+        self._signal = signum
+        self.run.mark_preempting()
 
     def close(self) -> None:
-        run_path = Path(self.run.dir).parent if self.run else None
-        self.run.finish()
-        if self.mode == "offline" and run_path:
-            self._log(f"W&B run saved offline; upload it with:\n  wandb sync {run_path}")
+        run, self.run = getattr(self, "run", None), None
+        if run is None:
+            return
+        folder = Path(run.dir).parent
+        try:
+            run.finish(exit_code=128 + self._signal if self._signal else None)
+        except Exception:
+            # W&B's service is gone: drop its connection now (a later run in this process gets
+            # a fresh one, and no exit hook prints a traceback for it), then report as usual.
+            with contextlib.suppress(Exception):
+                self.wandb.teardown()
+            raise
+        if self.mode == "offline" or getattr(run, "_finish_timed_out", False):
+            self._log(f"W&B run saved offline in {folder}; upload it (with any earlier attempts "
+                      f"of this run) with:\n  wandb sync {_shown(folder.parent)}")
+
+    # ------------------------------------------------------------------ internals
+
+    def _artifact(self, path: Path, aliases: list[str], metadata: dict) -> None:
+        art = self.wandb.Artifact(f"{self.cfg.name}-model", type="model",
+                                  metadata={k: v for k, v in metadata.items() if v is not None})
+        art.add_file(str(path))
+        self.run.log_artifact(art, aliases=aliases)
+
+    def _best_model(self, ckpt_path: Path, final_model: Path) -> Path | None:
+        """The best checkpoint as a weights-only model file beside the final one."""
+        from src.training import checkpoint as ckpt
+
+        if not ckpt_path.is_file():
+            self._log(f"note: the best checkpoint ({ckpt_path.name}) was pruned; only the final "
+                      "model is uploaded")
+            return None
+        state = ckpt.load(ckpt_path)
+        keep = ("format", "model_state_dict", "config", "tokenizer", "tokenizer_id", "step",
+                "tokens")
+        slim = {k: state[k] for k in keep if k in state}
+        slim["val_loss"], slim["val_bpb"] = self._best["val/loss"], self._best.get("val/bpb")
+        out = final_model.with_name(final_model.name.replace("_final.pt", "_best.pt"))
+        if out == final_model:
+            out = final_model.with_suffix(".best.pt")
+        return ckpt.save(slim, out)
+
+
+def _previous_samples(path: Path) -> list[list]:
+    """Samples already logged by earlier attempts of this run (metrics.jsonl, already cut)."""
+    out = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            out += [[row["step"], s.get("prompt", ""), s.get("text", "")]
+                    for s in row.get("samples") or []]
+    return out
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _shown(p: Path) -> str:
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)

@@ -1,0 +1,155 @@
+"""`slm plot`: a run's curves as a PNG, from its metrics.jsonl (no W&B needed).
+
+    slm plot data/checkpoints/tiny -o tiny.png
+    slm plot data/checkpoints/lr3e-4 data/checkpoints/lr1e-3 -o compare.png --x step
+
+Four panels: training and validation loss, validation bits per byte, the learning-rate schedule
+and throughput (tokens/s). Several runs share the axes, one colour per run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from src.errors import SLMError
+
+X_AXES = {"tokens": "tokens seen", "step": "step", "time": "training time (s)"}
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a metrics.jsonl (lines cut short by a kill are skipped)."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
+def find_metrics(arg: str | Path, data_root: str | Path = "data") -> Path:
+    """A run folder, its metrics.jsonl, or a run name under <data_root>/checkpoints/."""
+    p = Path(arg)
+    for cand in (p, p / "metrics.jsonl", Path(data_root) / "checkpoints" / str(arg) / "metrics.jsonl"):
+        if cand.is_file():
+            return cand
+    runs = sorted(x.parent.name for x in (Path(data_root) / "checkpoints").glob("*/metrics.jsonl"))
+    hint = f"; runs under {data_root}/checkpoints: {', '.join(runs)}" if runs else ""
+    raise SLMError(f"no metrics.jsonl in {arg}: pass a run folder such as "
+                   f"{data_root}/checkpoints/<name> (or --data-root DIR and a run name){hint}")
+
+
+def _series(rows: list[dict], x: str, key: str) -> tuple[list, list]:
+    pts = [(r[x], r[key]) for r in rows if r.get(key) is not None and r.get(x) is not None]
+    return [a for a, _ in pts], [b for _, b in pts]
+
+
+def _ema(ys: list[float], beta: float) -> list[float]:
+    out, avg = [], None
+    for y in ys:
+        avg = y if avg is None else beta * avg + (1 - beta) * y
+        out.append(avg)
+    return out
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """Run folder names, made unique with their parents when two runs share a name."""
+    names = [p.parent.name for p in paths]
+    return [f"{p.parent.parent.name}/{n}" if names.count(n) > 1 else n
+            for p, n in zip(paths, names, strict=True)]
+
+
+def plot_runs(metric_files: list[Path], out: str | Path, x: str = "tokens", smooth: float = 0.0,
+              title: str | None = None):
+    """Draw the runs' curves into `out` (PNG, or any format matplotlib knows by extension)."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    from matplotlib.ticker import EngFormatter
+
+    if x not in X_AXES:
+        raise SLMError(f"--x {x}: use one of {', '.join(X_AXES)}")
+    runs = [(label, read_metrics(p)) for label, p in zip(_labels(metric_files), metric_files,
+                                                           strict=True)]
+    for (_, rows), p in zip(runs, metric_files, strict=True):
+        if not any("train/loss" in r or "val/loss" in r for r in rows):
+            raise SLMError(f"{p} has no loss rows yet; train for at least one log interval "
+                           "(training.log_every steps)")
+
+    fig = Figure(figsize=(12, 8), layout="constrained")
+    axes = fig.subplots(2, 2)
+    (ax_loss, ax_bpb), (ax_lr, ax_tps) = axes
+    colors = [f"C{i % 10}" for i in range(len(runs))]
+    for (label, rows), c in zip(runs, colors, strict=True):
+        xs, ys = _series(rows, x, "train/loss")
+        if xs:
+            ax_loss.plot(xs, _ema(ys, smooth) if smooth else ys, color=c, lw=1.2, alpha=0.85,
+                         label=f"{label} train")
+        xs, ys = _series(rows, x, "val/loss")
+        if xs:
+            ax_loss.plot(xs, ys, color=c, ls="--", marker="o", ms=4, label=f"{label} val")
+        xs, ys = _series(rows, x, "val/bpb")
+        if xs:
+            ax_bpb.plot(xs, ys, color=c, marker="o", ms=4, label=label)
+        xs, ys = _series(rows, x, "lr")
+        if xs:
+            ax_lr.plot(xs, ys, color=c, label=label)
+        xs, ys = _series(rows, x, "tokens_per_sec")
+        if xs:
+            ax_tps.plot(xs, ys, color=c, alpha=0.85, label=label)
+
+    panels = [(ax_loss, "loss (nats/token)", "training and validation loss"),
+              (ax_bpb, "bits per byte", "validation bits per byte"),
+              (ax_lr, "learning rate", "learning-rate schedule"),
+              (ax_tps, "tokens/s", "throughput")]
+    for ax, ylabel, name in panels:
+        ax.set_title(name)
+        ax.set_xlabel(X_AXES[x])
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_formatter(EngFormatter())
+        if ax.lines:
+            ax.legend(fontsize="small")
+        else:
+            ax.text(0.5, 0.5, "no data yet", ha="center", va="center", transform=ax.transAxes,
+                    color="gray")
+    ax_tps.yaxis.set_major_formatter(EngFormatter())
+    fig.suptitle(title or ", ".join(label for label, _ in runs))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    return fig
+
+
+def cmd_plot(args, extra) -> int:
+    from src.cli import data_root
+
+    if extra:
+        raise SLMError(f"unknown option(s) for plot: {' '.join(extra)}")
+    if not 0 <= args.smooth < 1:
+        raise SLMError(f"--smooth {args.smooth}: use a value from 0 (none) to 0.99")
+    root = data_root(args)
+    files = [find_metrics(r, root) for r in args.runs]
+    out = Path(args.output) if args.output else files[0].parent / "metrics.png"
+    plot_runs(files, out, x=args.x, smooth=args.smooth, title=args.title)
+    print(f"wrote {out}")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plot", help="plot loss, learning rate and throughput of one or more runs to a PNG",
+        description="Draw training/validation loss, bits per byte, the learning-rate schedule "
+                    "and throughput from runs' metrics.jsonl; several runs share the axes.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run folder (data/checkpoints/<name>), its metrics.jsonl, or a run name")
+    p.add_argument("-o", "--output", default=None,
+                   help="image to write (.png, .svg, .pdf; default: <first run>/metrics.png)")
+    p.add_argument("--x", default="tokens", choices=list(X_AXES), help="x axis (default tokens)")
+    p.add_argument("--smooth", type=float, default=0.0,
+                   help="exponential smoothing of the training loss, 0 to 0.99 (default 0)")
+    p.add_argument("--title", default=None, help="figure title (default: the run names)")
+    p.add_argument("--data-root", default=None,
+                   help="where run names are looked up (default ./data)")
+    p.set_defaults(fn=cmd_plot)
