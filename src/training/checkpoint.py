@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -38,11 +39,33 @@ def save(state: dict, path: str | Path) -> Path:
     return path
 
 
+def _check_archive(path: Path) -> None:
+    """A checkpoint is a zip archive with a CRC per record: refuse truncated or damaged files."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            # torch.save stores records uncompressed; anything else was not written by it
+            packed = any(i.compress_type != zipfile.ZIP_STORED for i in z.infolist())
+            bad = None if packed else z.testzip()  # reads every record and checks its CRC
+    except Exception as e:  # BadZipFile, OSError, EOFError, ...
+        raise SLMError(
+            f"{path} is not a usable checkpoint: it is truncated or not a PyTorch checkpoint "
+            f"file ({type(e).__name__}); use another checkpoint (step_N.pt / final.pt)"
+        ) from None
+    if packed:
+        raise SLMError(f"{path} is not a usable checkpoint: not written by torch.save")
+    if bad is not None:
+        raise SLMError(
+            f"{path} is not a usable checkpoint: it is damaged (record {bad} fails its checksum); "
+            "use another checkpoint (step_N.pt / final.pt)"
+        )
+
+
 def load(path: str | Path, map_location="cpu") -> dict:
     """Load a checkpoint without running code; clear errors for damaged or foreign files."""
     path = Path(path)
     if not path.is_file():
         raise SLMError(f"checkpoint {path} does not exist")
+    _check_archive(path)
     try:
         d = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError (zip), EOFError, ...
