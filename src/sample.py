@@ -7,6 +7,7 @@ import sys
 import torch
 
 from src.data.tokenizer import from_dict
+from src.errors import SLMError
 from src.model.gpt import GPT
 from src.training import checkpoint as ckpt
 from src.training.config import config_from_dict
@@ -16,9 +17,15 @@ from src.training.hardware import resolve_device
 def load_model(path, device="cpu"):
     """(model in eval mode, tokenizer, config) from any slm checkpoint or final model file."""
     state = ckpt.load(path)
+    missing = [k for k in ("config", "tokenizer") if k not in state]
+    if missing:
+        raise SLMError(
+            f"{path} has no {' or '.join(missing)}: it was not written by slm, so its model "
+            "cannot be rebuilt; give a checkpoint from checkpoints/<name>/ or models/"
+        )
     cfg = config_from_dict(state["config"])
     model = GPT(cfg.model)
-    model.load_state_dict(state["model_state_dict"])
+    ckpt.load_weights(model, state["model_state_dict"], path)
     dev = resolve_device(device)
     return model.to(dev).eval(), from_dict(state["tokenizer"]), cfg
 

@@ -78,6 +78,34 @@ def load(path: str | Path, map_location="cpu") -> dict:
     return d
 
 
+# What a checkpoint needs to continue training from (a finished model file has only weights).
+RESUME_KEYS = ("model_state_dict", "optimizer_state_dict", "step", "tokens", "loader", "rng",
+               "config")
+
+
+def check_resumable(state: dict, path: str | Path) -> dict:
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise SLMError(
+            f"{path} cannot be resumed from: it has no {', '.join(missing)} (a finished model "
+            "file, or a checkpoint written by another tool); resume from checkpoints/<name>/"
+            "step_N.pt or final.pt, or start over with --resume never"
+        )
+    return state
+
+
+def load_weights(module, state_dict: dict, path: str | Path) -> None:
+    """module.load_state_dict (a model or an optimizer), with a one-line error on a mismatch."""
+    try:
+        module.load_state_dict(state_dict)
+    except (RuntimeError, ValueError, KeyError) as e:
+        why = " ".join(str(e).split())[:300]
+        raise SLMError(
+            f"{path}: its weights do not fit the model its config describes ({why}); the file "
+            "was altered or written by another tool"
+        ) from None
+
+
 def step_files(run_dir: str | Path) -> list[tuple[int, Path]]:
     """step_N.pt files in a run folder, oldest first."""
     run_dir = Path(run_dir)
@@ -100,7 +128,7 @@ def find_resumable(run_dir: str | Path, log=print) -> tuple[Path, dict] | None:
     """The newest checkpoint that loads; damaged ones are reported and skipped."""
     for p in candidates(run_dir):
         try:
-            return p, load(p)
+            return p, check_resumable(load(p), p)
         except SLMError as e:
             log(f"warning: skipping {p.name}: {e}")
     return None

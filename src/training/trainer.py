@@ -250,7 +250,7 @@ def train(
         lock = RunLock(run_dir)
         if resume not in ("auto", "never"):
             state_path = Path(resume)
-            state = ckpt.load(state_path)
+            state = ckpt.check_resumable(ckpt.load(state_path), state_path)
         elif resume == "auto":
             found = ckpt.find_resumable(run_dir, say)
             if found:
@@ -299,8 +299,8 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
     loader = BatchLoader(ds.train, tok.id, cfg.seq_len, t.batch_size, t.seed, rank, world)
     step, tokens, elapsed_before, wandb_id, best_val = 0, 0, 0.0, None, None
     if state is not None:
-        model.load_state_dict(state["model_state_dict"])
-        optimizer.load_state_dict(state["optimizer_state_dict"])
+        ckpt.load_weights(model, state["model_state_dict"], state_path)
+        ckpt.load_weights(optimizer, state["optimizer_state_dict"], state_path)
         loader.load_state_dict(state["loader"])
         step, tokens = int(state["step"]), int(state["tokens"])
         elapsed_before = float(state.get("elapsed", 0.0))
