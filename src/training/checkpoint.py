@@ -141,7 +141,7 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
 
 def move_aside(run_dir: Path) -> Path | None:
     """--resume never: keep the old run under a new name instead of deleting it."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not run_dir.exists() or all(p.name == ".lock" for p in run_dir.iterdir()):
         return None
     dest = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.rename(dest)

@@ -243,18 +243,24 @@ def train(
     lock = None
     state, state_path = None, None
     if master:
-        if resume == "never":
-            moved = ckpt.move_aside(run_dir)
-            if moved:
-                say(f"--resume never: moved the old run to {moved}")
         lock = RunLock(run_dir)
-        if resume not in ("auto", "never"):
-            state_path = Path(resume)
-            state = ckpt.check_resumable(ckpt.load(state_path), state_path)
-        elif resume == "auto":
-            found = ckpt.find_resumable(run_dir, say)
-            if found:
-                state_path, state = found
+        try:
+            if resume == "never":
+                moved = ckpt.move_aside(run_dir)  # only while we hold the run's lock
+                if moved:
+                    lock, old = RunLock(run_dir), lock
+                    old.release()
+                    say(f"--resume never: moved the old run to {moved}")
+            if resume not in ("auto", "never"):
+                state_path = Path(resume)
+                state = ckpt.check_resumable(ckpt.load(state_path), state_path)
+            elif resume == "auto":
+                found = ckpt.find_resumable(run_dir, say)
+                if found:
+                    state_path, state = found
+        except BaseException:
+            lock.release()
+            raise
     dist.barrier()
     if world > 1:  # every rank loads what rank 0 chose
         state_path = dist.broadcast_object(str(state_path) if state_path else None)
