@@ -134,6 +134,18 @@ def find_resumable(run_dir: str | Path, log=print) -> tuple[Path, dict] | None:
     return None
 
 
+def remove_partial(folder: str | Path, pattern: str = "*.pt") -> list[Path]:
+    """Delete temporary files of saves (of `pattern`) that a kill cut short.
+
+    Only call it while holding the lock of the run that writes those files.
+    """
+    folder = Path(folder)
+    stale = sorted(folder.glob(f".{pattern}.*.tmp")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def prune(run_dir: str | Path, keep_last: int) -> None:
     for _, p in step_files(run_dir)[:-keep_last]:
         p.unlink(missing_ok=True)

@@ -251,6 +251,10 @@ def train(
                     lock, old = RunLock(run_dir), lock
                     old.release()
                     say(f"--resume never: moved the old run to {moved}")
+            for p in ckpt.remove_partial(run_dir) + ckpt.remove_partial(
+                Path(data_root) / "models", f"{cfg.name}_final.pt"
+            ):
+                say(f"removed {p}, left by a save that was cut short")
             if resume not in ("auto", "never"):
                 state_path = Path(resume)
                 state = ckpt.check_resumable(ckpt.load(state_path), state_path)
