@@ -398,6 +398,14 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             "--resume never starts it over")
         metrics.close()
         model_path = Path(data_root) / "models" / f"{cfg.name}_final.pt"
+        if master and not model_path.is_file():  # stopped between final.pt and the model file
+            ckpt.save({"format": CKPT_FORMAT, "model_state_dict": state["model_state_dict"],
+                       "config": cfg.to_dict(), "tokenizer": tok.to_dict(), "tokenizer_id": tok.id,
+                       "step": step, "tokens": tokens, "val_loss": None, "val_bpb": None},
+                      model_path)
+            if on_checkpoint:
+                on_checkpoint(model_path)
+            say(f"wrote the missing model file {model_path}")
         return Result(run_dir, state_path, model_path, step, tokens, None, None)
     win_tokens, win_start = 0, time.time()
     model.train()
