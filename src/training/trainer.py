@@ -424,11 +424,15 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             if scaler:
                 scaler.unscale_(optimizer)
             gnorm = dist.clip_grad_norm(model, t.grad_clip, ctx)
-            finite = torch.isfinite(loss_sum) & torch.isfinite(gnorm)
+            finite = torch.isfinite(loss_sum)
+            if scaler is None:  # with fp16, the grad scaler skips overflowing steps itself
+                finite &= torch.isfinite(gnorm)
             if not bool(finite):  # a sync, but only a bool; NaN guard is worth it
                 dist.all_reduce_sum(loss_sum)
                 if t.skip_nonfinite:
                     optimizer.zero_grad(set_to_none=True)
+                    if scaler:
+                        scaler.update()  # also resets it for the next unscale_
                     say(f"warning: non-finite loss/gradients at step {step + 1}; update skipped")
                     step += 1
                     tokens += tokens_per_step
