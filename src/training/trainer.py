@@ -308,6 +308,7 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
     optimizer = build_optimizer(model, t, dev.type)
     loader = BatchLoader(ds.train, tok.id, cfg.seq_len, t.batch_size, t.seed, rank, world)
     step, tokens, elapsed_before, wandb_id, best_val = 0, 0, 0.0, None, None
+    skipped = 0  # updates skipped for non-finite loss/gradients
     if state is not None:
         ckpt.load_weights(model, state["model_state_dict"], state_path)
         ckpt.load_weights(optimizer, state["optimizer_state_dict"], state_path)
@@ -315,6 +316,7 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
         step, tokens = int(state["step"]), int(state["tokens"])
         elapsed_before = float(state.get("elapsed", 0.0))
         wandb_id, best_val = state.get("wandb_run_id"), state.get("best_val_loss")
+        skipped = int(state.get("skipped_nonfinite", 0))
         _set_rng_state(state["rng"], dev)
         if state.get("world_size", world) != world and master:
             say(f"note: checkpoint written with {state['world_size']} ranks, resuming with {world}")
@@ -376,6 +378,7 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             "tokenizer_id": tok.id,
             "wandb_run_id": wandb_id,
             "best_val_loss": best_val,
+            "skipped_nonfinite": skipped,
             "world_size": world,
             "final": final,
         }
@@ -427,23 +430,23 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             finite = torch.isfinite(loss_sum)
             if scaler is None:  # with fp16, the grad scaler skips overflowing steps itself
                 finite &= torch.isfinite(gnorm)
+            skip = False
             if not bool(finite):  # a sync, but only a bool; NaN guard is worth it
                 dist.all_reduce_sum(loss_sum)
-                if t.skip_nonfinite:
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler:
-                        scaler.update()  # also resets it for the next unscale_
-                    say(f"warning: non-finite loss/gradients at step {step + 1}; update skipped")
-                    step += 1
-                    tokens += tokens_per_step
-                    metrics.log({"step": step, "skipped_nonfinite": 1})
-                    continue
-                raise SLMError(
-                    f"loss or gradients became NaN/Inf at step {step + 1}; the last good "
-                    f"checkpoint in {run_dir} is kept. Lower training.learning_rate, check the "
-                    "data, or set training.skip_nonfinite: true"
-                )
-            if scaler:
+                if not t.skip_nonfinite:
+                    raise SLMError(
+                        f"loss or gradients became NaN/Inf at step {step + 1}; the last good "
+                        f"checkpoint in {run_dir} is kept. Lower training.learning_rate, check "
+                        "the data, or set training.skip_nonfinite: true"
+                    )
+                skip, skipped = True, skipped + 1
+                say(f"warning: non-finite loss/gradients at step {step + 1}; update skipped "
+                    f"({skipped} so far)")
+                metrics.log({"step": step + 1, "skipped_nonfinite": skipped})
+            if skip:  # the step still counts: signals, evaluation and checkpoints go on
+                if scaler:
+                    scaler.update()
+            elif scaler:
                 scaler.step(optimizer)
                 scaler.update()
             else:
