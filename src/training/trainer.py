@@ -39,6 +39,7 @@ from src.training.metrics import Console, JsonlSink, Metrics
 from src.training.optim import build_optimizer, lr_factor, set_lr
 
 CKPT_FORMAT = 1
+MAX_SKIPS_IN_A_ROW = 10  # skip_nonfinite: this many skipped updates in a row stop the run
 # Model keys that must match to continue from a checkpoint.
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos_emb", "norm",
               "qk_norm", "mlp", "mlp_ratio", "tie_embeddings", "bias", "pad_vocab_multiple")
@@ -308,7 +309,7 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
     optimizer = build_optimizer(model, t, dev.type)
     loader = BatchLoader(ds.train, tok.id, cfg.seq_len, t.batch_size, t.seed, rank, world)
     step, tokens, elapsed_before, wandb_id, best_val = 0, 0, 0.0, None, None
-    skipped = 0  # updates skipped for non-finite loss/gradients
+    skipped = in_a_row = 0  # updates skipped for non-finite loss/gradients
     if state is not None:
         ckpt.load_weights(model, state["model_state_dict"], state_path)
         ckpt.load_weights(optimizer, state["optimizer_state_dict"], state_path)
@@ -431,7 +432,9 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             if scaler is None:  # with fp16, the grad scaler skips overflowing steps itself
                 finite &= torch.isfinite(gnorm)
             skip = False
-            if not bool(finite):  # a sync, but only a bool; NaN guard is worth it
+            if bool(finite):
+                in_a_row = 0
+            else:  # a sync, but only a bool; NaN guard is worth it
                 dist.all_reduce_sum(loss_sum)
                 if not t.skip_nonfinite:
                     raise SLMError(
@@ -439,7 +442,14 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
                         f"checkpoint in {run_dir} is kept. Lower training.learning_rate, check "
                         "the data, or set training.skip_nonfinite: true"
                     )
-                skip, skipped = True, skipped + 1
+                skip, skipped, in_a_row = True, skipped + 1, in_a_row + 1
+                if in_a_row >= MAX_SKIPS_IN_A_ROW:
+                    raise SLMError(
+                        f"loss or gradients were NaN/Inf {in_a_row} steps in a row (steps "
+                        f"{step + 2 - in_a_row}-{step + 1}): training does not recover; the last "
+                        f"checkpoints in {run_dir} are kept. Lower training.learning_rate or "
+                        "check the data"
+                    )
                 say(f"warning: non-finite loss/gradients at step {step + 1}; update skipped "
                     f"({skipped} so far)")
                 metrics.log({"step": step + 1, "skipped_nonfinite": skipped})
