@@ -30,11 +30,16 @@ def save(state: dict, path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        # a full disk surfaces as OSError, or as torch's RuntimeError raised while it closes
+        os_err = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(os_err, OSError):
+            raise
         raise SLMError(
-            f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoints are "
-            "intact. Free disk space (or point --data-root elsewhere) and re-run to resume"
+            f"could not write checkpoint {path}: {os_err.strerror or os_err}; the previous "
+            "checkpoints are intact. Free disk space (or point --data-root elsewhere) and re-run "
+            "to resume"
         ) from None
     return path
 
