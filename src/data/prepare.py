@@ -164,8 +164,9 @@ def prepare(cfg, data_root: str | Path, log=print) -> Dataset:
     tok.save(tmp / "tokenizer.json")
     train, st = _encode_split(tok, train_docs(), "train", tmp, cfg.data.shard_tokens, log)
     val, sv = _encode_split(tok, val_docs(), "val", tmp, cfg.data.shard_tokens, log)
-    if st["tokens"] == 0:
-        raise SLMError(f"data.source {cfg.data.source}: no text found (empty files?)")
+    if st["chars"] == 0:  # (empty documents still count an end-of-text token)
+        raise SLMError(f"data.source {cfg.data.source}: no text found (the files are empty); "
+                       "point data.source at files that hold text")
     if sv["tokens"] < 2:
         raise SLMError(
             f"data: the validation split of {cfg.data.val_source or cfg.data.source} is empty; "
