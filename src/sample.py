@@ -27,7 +27,7 @@ def load_model(path, device="cpu"):
     model = GPT(cfg.model)
     ckpt.load_weights(model, state["model_state_dict"], path)
     dev = resolve_device(device)
-    return model.to(dev).eval(), from_dict(state["tokenizer"]), cfg
+    return model.to(dev).eval(), from_dict(state["tokenizer"], str(path)), cfg
 
 
 def print_samples(path, prompt="", n=1, max_new_tokens=200, temperature=0.8, top_k=200,

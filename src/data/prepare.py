@@ -199,7 +199,10 @@ def load_dataset(out: Path) -> Dataset:
         manifest = json.loads((out / "manifest.json").read_text())
     except (OSError, ValueError) as e:
         raise SLMError(f"{out}/manifest.json is unreadable ({e}); delete {out} to rebuild") from None
-    tok = toklib.load(out / "tokenizer.json")
+    try:
+        tok = toklib.load(out / "tokenizer.json")
+    except SLMError as e:
+        raise SLMError(f"{e}; delete {out} to rebuild it") from None
     ds = Dataset(out, tok, manifest)
     for s in manifest["shards"]:
         p = out / s["file"]
