@@ -239,10 +239,10 @@ def test_sigkill_during_data_preparation_then_rerun_gives_the_same_shards(corpus
     a, b = tmp_path / "a", tmp_path / "b"
     p = _start(args, b, tmp_path / "prep.log")
     datasets = b / "datasets"
-    assert _wait_for(lambda: len(list(datasets.glob("*.partial/train_*.bin"))) >= 3, p), (
+    assert _wait_for(lambda: len(list(datasets.rglob("train_*.bin"))) >= 3, p), (
         (tmp_path / "prep.log").read_text())
     _kill(p)
-    assert not list(datasets.glob("*/manifest.json")), "a killed preparation looks complete"
+    assert not list(datasets.rglob("manifest.json")), "a killed preparation looks complete"
     r = subprocess.run([sys.executable, "-m", "src", *args, "--data-root", str(b)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -250,17 +250,15 @@ def test_sigkill_during_data_preparation_then_rerun_gives_the_same_shards(corpus
     r = subprocess.run([sys.executable, "-m", "src", *args, "--data-root", str(a)], cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    (da,), (db,) = (sorted(x.glob("datasets/*")) for x in (a, b))
-    assert da.name == db.name and not db.name.endswith(".partial")
-    assert sorted(f.name for f in da.iterdir()) == sorted(f.name for f in db.iterdir())
-    for f in da.iterdir():
-        if f.name == "manifest.json":
-            ma, mb = (json.loads((d / f.name).read_text()) for d in (da, db))
-            ma.pop("seconds"), mb.pop("seconds")
-            assert ma == mb
-        else:
-            assert _sha(f) == _sha(db / f.name), f.name
-    assert len(list(db.glob("train_*.bin"))) > 3
+    (ma,), (mb,) = (list(x.glob("datasets/*/manifest.json")) for x in (a, b))
+    da, db = ma.parent, mb.parent
+    assert da.name == db.name
+    made = lambda d: sorted(f.relative_to(d) for f in d.rglob("*.bin"))  # noqa: E731
+    assert made(da) == made(db) and len(made(db)) > 3
+    for f in made(da) + [Path("tokenizer.json")]:
+        assert _sha(da / f) == _sha(db / f), f
+    ja, jb = (json.loads(m.read_text()) for m in (ma, mb))
+    assert ja["shards"] == jb["shards"] and ja["tokenizer"] == jb["tokenizer"]
 
 
 # ----------------------------------------------------------------------------- SIGTERM / SIGINT
