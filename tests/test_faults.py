@@ -24,6 +24,7 @@ import torch
 from conftest import FAST, ROOT, fast_args
 
 from src.cli import main
+from src.errors import SLMError
 from src.training import checkpoint as ckpt
 from src.training.config import load_config
 from src.training.trainer import train
@@ -312,7 +313,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path):
     before = {p.name: _sha(p) for p in run.glob("*.pt")} | {"model": _sha(tmp_path / "models/tiny_final.pt")}
     size = (run / "final.pt").stat().st_size
     args = [*TRAIN, *fast_args(corpus, **{"training.threads": 1, "training.max_steps": 8})]
-    p = _start(args, tmp_path, tmp_path / "log", preexec_fn=_file_limit(size // 4))
+    p = _start(args, tmp_path, tmp_path / "log", preexec_fn=_file_limit(size // 2))
     p.wait(timeout=600)
     out = (tmp_path / "log").read_text()
     assert p.returncode == 2, out
@@ -324,6 +325,30 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(corpus, tmp_path):
     after = {p.name: _sha(p) for p in run.glob("*.pt")} | {"model": _sha(tmp_path / "models/tiny_final.pt")}
     assert after == before and _tmp_files(run) == []
     assert ckpt.load(run / "final.pt")["step"] == 4
+
+
+def test_disk_full_at_any_point_of_a_save(fast_cfg, tmp_path):
+    """Wherever the disk fills up inside torch.save (it reports some as OSError, most as a
+    RuntimeError on close), the save fails with one clear error and leaves nothing behind."""
+    train(fast_cfg(**{"training.max_steps": 2}), data_root=tmp_path, use_wandb=False,
+          log=lambda *a: None)
+    path = tmp_path / "checkpoints/tiny/final.pt"
+    state, before = ckpt.load(path), _sha(path)
+    size = path.stat().st_size
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        for frac in (0.0001, 0.01, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 0.999):
+            resource.setrlimit(resource.RLIMIT_FSIZE, (int(size * frac), hard))
+            try:
+                with pytest.raises(SLMError, match=r"could not write checkpoint .*final\.pt: File "
+                                   r"too large; the previous checkpoints are intact"):
+                    ckpt.save(state, path)
+            finally:
+                resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            assert _sha(path) == before and _tmp_files(path.parent) == []
+    finally:
+        signal.signal(signal.SIGXFSZ, old_handler)
 
 
 def test_disk_full_while_preparing_data_is_one_line(corpus, tmp_path):
