@@ -265,7 +265,7 @@ def test_sigkill_during_data_preparation_then_rerun_gives_the_same_shards(corpus
 # ----------------------------------------------------------------------------- SIGTERM / SIGINT
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_sigterm_and_sigint_save_a_checkpoint_and_exit_promptly(sig, corpus, tmp_path):
     args = [*TRAIN, *fast_args(corpus, **{"training.threads": 1, "training.max_steps": 100000,
                                            "training.checkpoint_every": 100000,
