@@ -11,6 +11,7 @@ Every command that reads a config takes dotted overrides for any key (`--section
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -186,6 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the machine, not the program: a full disk, a read-only folder, ...
+        if e.errno not in _ENV_ERRNOS:
+            raise
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror}{where}; free disk space or fix the folder's permissions "
+              "(or point --data-root elsewhere), then re-run: finished work is kept",
+              file=sys.stderr)
+        return 2
+
+
+_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+               errno.EIO}
 
 
 def entry() -> None:

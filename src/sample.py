@@ -33,10 +33,16 @@ def load_model(path, device="cpu"):
         model, tok, cfg = load_safetensors(path)
     else:
         state = ckpt.load(path)
+        missing = [k for k in ("config", "tokenizer") if k not in state]
+        if missing:
+            raise SLMError(
+                f"{path} has no {' or '.join(missing)}: it was not written by slm, so its model "
+                "cannot be rebuilt; give a checkpoint from checkpoints/<name>/ or models/"
+            )
         cfg = config_from_dict(state["config"])
         model = GPT(cfg.model)
-        model.load_state_dict(state["model_state_dict"])
-        tok = from_dict(state["tokenizer"])
+        ckpt.load_weights(model, state["model_state_dict"], path)
+        tok = from_dict(state["tokenizer"], str(path))
     dev = resolve_device(device)
     return model.to(dev).eval(), tok, cfg
 

@@ -164,8 +164,9 @@ def prepare(cfg, data_root: str | Path, log=print) -> Dataset:
     tok.save(tmp / "tokenizer.json")
     train, st = _encode_split(tok, train_docs(), "train", tmp, cfg.data.shard_tokens, log)
     val, sv = _encode_split(tok, val_docs(), "val", tmp, cfg.data.shard_tokens, log)
-    if st["tokens"] == 0:
-        raise SLMError(f"data.source {cfg.data.source}: no text found (empty files?)")
+    if st["chars"] == 0:  # (empty documents still count an end-of-text token)
+        raise SLMError(f"data.source {cfg.data.source}: no text found (the files are empty); "
+                       "point data.source at files that hold text")
     if sv["tokens"] < 2:
         raise SLMError(
             f"data: the validation split of {cfg.data.val_source or cfg.data.source} is empty; "
@@ -198,7 +199,10 @@ def load_dataset(out: Path) -> Dataset:
         manifest = json.loads((out / "manifest.json").read_text())
     except (OSError, ValueError) as e:
         raise SLMError(f"{out}/manifest.json is unreadable ({e}); delete {out} to rebuild") from None
-    tok = toklib.load(out / "tokenizer.json")
+    try:
+        tok = toklib.load(out / "tokenizer.json")
+    except SLMError as e:
+        raise SLMError(f"{e}; delete {out} to rebuild it") from None
     ds = Dataset(out, tok, manifest)
     for s in manifest["shards"]:
         p = out / s["file"]

@@ -192,21 +192,30 @@ class GPT2Tokenizer(Tokenizer):
         return out.astype(np.int64)
 
 
-def from_dict(d: dict) -> Tokenizer:
+def from_dict(d: dict, where: str = "tokenizer record") -> Tokenizer:
     kind = d.get("kind") if isinstance(d, dict) else None
-    if kind == "bytes":
-        return ByteTokenizer()
-    if kind == "char":
-        return CharTokenizer(d["chars"])
-    if kind == "bpe":
-        return BPETokenizer.from_json(d["json"])
-    if kind == "gpt2":
-        return GPT2Tokenizer()
-    raise SLMError(f"unknown tokenizer record (kind={kind!r}); was it written by slm?")
+    try:
+        if kind == "bytes":
+            return ByteTokenizer()
+        if kind == "char":
+            return CharTokenizer(d["chars"])
+        if kind == "bpe":
+            return BPETokenizer.from_json(d["json"])
+        if kind == "gpt2":
+            return GPT2Tokenizer()
+    except SLMError:
+        raise
+    except Exception as e:  # KeyError, TypeError, the tokenizers library's own errors
+        raise SLMError(
+            f"{where}: the {kind} tokenizer in it is damaged ({type(e).__name__}: {e}); it was "
+            "altered or not written by slm"
+        ) from None
+    raise SLMError(f"{where}: unknown tokenizer record (kind={kind!r}); was it written by slm?")
 
 
 def load(path: str | Path) -> Tokenizer:
     try:
-        return from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError) as e:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
         raise SLMError(f"{path}: not a readable slm tokenizer file ({e})") from None
+    return from_dict(d, str(path))

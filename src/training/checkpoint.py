@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import time
+import zipfile
 from pathlib import Path
 
 import torch
@@ -29,13 +30,39 @@ def save(state: dict, path: str | Path) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        # a full disk surfaces as OSError, or as torch's RuntimeError raised while it closes
+        os_err = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(os_err, OSError):
+            raise
         raise SLMError(
-            f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoints are "
-            "intact. Free disk space (or point --data-root elsewhere) and re-run to resume"
+            f"could not write checkpoint {path}: {os_err.strerror or os_err}; the previous "
+            "checkpoints are intact. Free disk space (or point --data-root elsewhere) and re-run "
+            "to resume"
         ) from None
     return path
+
+
+def _check_archive(path: Path) -> None:
+    """A checkpoint is a zip archive with a CRC per record: refuse truncated or damaged files."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            # torch.save stores records uncompressed; anything else was not written by it
+            packed = any(i.compress_type != zipfile.ZIP_STORED for i in z.infolist())
+            bad = None if packed else z.testzip()  # reads every record and checks its CRC
+    except Exception as e:  # BadZipFile, OSError, EOFError, ...
+        raise SLMError(
+            f"{path} is not a usable checkpoint: it is truncated or not a PyTorch checkpoint "
+            f"file ({type(e).__name__}); use another checkpoint (step_N.pt / final.pt)"
+        ) from None
+    if packed:
+        raise SLMError(f"{path} is not a usable checkpoint: not written by torch.save")
+    if bad is not None:
+        raise SLMError(
+            f"{path} is not a usable checkpoint: it is damaged (record {bad} fails its checksum); "
+            "use another checkpoint (step_N.pt / final.pt)"
+        )
 
 
 def load(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
@@ -47,6 +74,7 @@ def load(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SLMError(f"checkpoint {path} does not exist")
+    _check_archive(path)
     try:
         d = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:  # pickle.UnpicklingError, RuntimeError (zip), EOFError, ...
@@ -57,6 +85,34 @@ def load(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
     if not isinstance(d, dict) or "model_state_dict" not in d:
         raise SLMError(f"{path} is not an slm checkpoint (no model_state_dict)")
     return d
+
+
+# What a checkpoint needs to continue training from (a finished model file has only weights).
+RESUME_KEYS = ("model_state_dict", "optimizer_state_dict", "step", "tokens", "loader", "rng",
+               "config")
+
+
+def check_resumable(state: dict, path: str | Path) -> dict:
+    missing = [k for k in RESUME_KEYS if k not in state]
+    if missing:
+        raise SLMError(
+            f"{path} cannot be resumed from: it has no {', '.join(missing)} (a finished model "
+            "file, or a checkpoint written by another tool); resume from checkpoints/<name>/"
+            "step_N.pt or final.pt, or start over with --resume never"
+        )
+    return state
+
+
+def load_weights(module, state_dict: dict, path: str | Path) -> None:
+    """module.load_state_dict (a model or an optimizer), with a one-line error on a mismatch."""
+    try:
+        module.load_state_dict(state_dict)
+    except (RuntimeError, ValueError, KeyError) as e:
+        why = " ".join(str(e).split())[:300]
+        raise SLMError(
+            f"{path}: its weights do not fit the model its config describes ({why}); the file "
+            "was altered or written by another tool"
+        ) from None
 
 
 def step_files(run_dir: str | Path) -> list[tuple[int, Path]]:
@@ -81,10 +137,22 @@ def find_resumable(run_dir: str | Path, log=print) -> tuple[Path, dict] | None:
     """The newest checkpoint that loads; damaged ones are reported and skipped."""
     for p in candidates(run_dir):
         try:
-            return p, load(p)
+            return p, check_resumable(load(p), p)
         except SLMError as e:
             log(f"warning: skipping {p.name}: {e}")
     return None
+
+
+def remove_partial(folder: str | Path, pattern: str = "*.pt") -> list[Path]:
+    """Delete temporary files of saves (of `pattern`) that a kill cut short.
+
+    Only call it while holding the lock of the run that writes those files.
+    """
+    folder = Path(folder)
+    stale = sorted(folder.glob(f".{pattern}.*.tmp")) if folder.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def prune(run_dir: str | Path, keep_last: int) -> None:
@@ -94,7 +162,7 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
 
 def move_aside(run_dir: Path) -> Path | None:
     """--resume never: keep the old run under a new name instead of deleting it."""
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    if not run_dir.exists() or all(p.name == ".lock" for p in run_dir.iterdir()):
         return None
     dest = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.rename(dest)

@@ -36,7 +36,9 @@ class JsonlSink:
                     continue  # a line cut short by a kill
                 if row.get("step", 0) <= resume_step:
                     keep.append(line)
-            path.write_text("".join(x + "\n" for x in keep))
+            tmp = path.with_name(path.name + ".tmp")  # a kill here must not lose the history
+            tmp.write_text("".join(x + "\n" for x in keep))
+            tmp.replace(path)
         elif path.exists():
             path.unlink()
         self.f = open(path, "a", buffering=1)

@@ -39,6 +39,7 @@ from src.training.metrics import Console, JsonlSink, Metrics, peak_rss_gb
 from src.training.optim import build_optimizer, lr_factor, set_lr
 
 CKPT_FORMAT = 1
+MAX_SKIPS_IN_A_ROW = 10  # skip_nonfinite: this many skipped updates in a row stop the run
 # Model keys that must match to continue from a checkpoint.
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos_emb", "norm",
               "qk_norm", "mlp", "mlp_ratio", "tie_embeddings", "bias", "pad_vocab_multiple")
@@ -327,14 +328,20 @@ def _launch(cfg, data_root, device, resume, use_wandb, on_checkpoint, log, cost_
     try:
         state, state_path = None, None
         if master:
-            if resume == "never":
-                moved = ckpt.move_aside(run_dir)
-                if moved:
-                    say(f"--resume never: moved the old run to {moved}")
             lock = RunLock(run_dir)
+            if resume == "never":
+                moved = ckpt.move_aside(run_dir)  # only while we hold the run's lock
+                if moved:
+                    lock, old = RunLock(run_dir), lock
+                    old.release()
+                    say(f"--resume never: moved the old run to {moved}")
+            for p in ckpt.remove_partial(run_dir) + ckpt.remove_partial(
+                Path(data_root) / "models", f"{cfg.name}_final.pt"
+            ):
+                say(f"removed {p}, left by a save that was cut short")
             if resume not in ("auto", "never"):
                 state_path = Path(resume)
-                state = ckpt.load(state_path)
+                state = ckpt.check_resumable(ckpt.load(state_path), state_path)
             elif resume == "auto":
                 found = ckpt.find_resumable(run_dir, say)
                 if found:
@@ -392,7 +399,7 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
         model.load_state_dict(init_sd)
     accum = dist.plan(cfg, world)
     if state is not None:
-        model.load_state_dict(state["model_state_dict"])
+        ckpt.load_weights(model, state["model_state_dict"], state_path)
     autocast, scaler = _autocast(dev, t.dtype)
     if ctx.sharded and scaler is not None:
         raise SLMError("training.parallelism fsdp with float16 (this GPU has no bfloat16): FSDP's "
@@ -413,12 +420,17 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
     optimizer = build_optimizer(model, t, dev.type)
     loader = BatchLoader(ds.train, tok.id, cfg.seq_len, t.batch_size, t.seed, rank, world)
     step, tokens, elapsed_before, wandb_id, best_val = 0, 0, 0.0, None, None
+    skipped = in_a_row = 0  # updates skipped for non-finite loss/gradients
     if state is not None:
-        dist.load_optimizer_state(model, optimizer, state["optimizer_state_dict"], ctx)
+        if ctx.sharded:
+            dist.load_optimizer_state(model, optimizer, state["optimizer_state_dict"], ctx)
+        else:
+            ckpt.load_weights(optimizer, state["optimizer_state_dict"], state_path)
         loader.load_state_dict(state["loader"])
         step, tokens = int(state["step"]), int(state["tokens"])
         elapsed_before = float(state.get("elapsed", 0.0))
         wandb_id, best_val = state.get("wandb_run_id"), state.get("best_val_loss")
+        skipped = int(state.get("skipped_nonfinite", 0))
         _set_rng_state(state["rng"], dev)
         if state.get("world_size", world) != world and master:
             say(f"note: checkpoint written with {state['world_size']} ranks, resuming with {world}")
@@ -484,6 +496,7 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             "tokenizer_id": tok.id,
             "wandb_run_id": wandb_id,
             "best_val_loss": best_val,
+            "skipped_nonfinite": skipped,
             "world_size": world,
             "parallelism": t.parallelism,
             "tokens_per_step": tokens_per_step,
@@ -517,6 +530,14 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
                 f"{step}); raise modal.max_cost_usd to continue it")
         metrics.close()
         model_path = Path(data_root) / "models" / f"{cfg.name}_final.pt"
+        if master and not model_path.is_file():  # stopped between final.pt and the model file
+            ckpt.save({"format": CKPT_FORMAT, "model_state_dict": state["model_state_dict"],
+                       "config": cfg.to_dict(), "tokenizer": tok.to_dict(), "tokenizer_id": tok.id,
+                       "step": step, "tokens": tokens, "val_loss": None, "val_bpb": None},
+                      model_path)
+            if on_checkpoint:
+                on_checkpoint(model_path)
+            say(f"wrote the missing model file {model_path}")
         return Result(run_dir, state_path, model_path, step, tokens, None, None)
     win_tokens, win_start = 0, time.time()
     bad_seen = torch.zeros((), dtype=torch.bool, device=dev) if dev.type == "cuda" else None
@@ -539,20 +560,32 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             gnorm = dist.clip_grad_norm(model, t.grad_clip, ctx)
             if world > 1:  # global loss sum, rank 0's clock, and a signal seen by any rank
                 loss_sum, stop_sig, synced[0] = _sync_step(loss_sum, sig.got, elapsed(), ctx)
-            # fp16's scaler skips steps with overflowing gradients itself; a NaN loss is ours
-            finite = torch.isfinite(loss_sum) if scaler else torch.isfinite(loss_sum) & torch.isfinite(gnorm)
+            finite = torch.isfinite(loss_sum)
+            if scaler is None:  # with fp16, the grad scaler skips overflowing steps itself
+                finite &= torch.isfinite(gnorm)
+            skip = False
             if dev.type == "cuda" and not t.skip_nonfinite:
                 bad_seen |= ~finite  # checked at log/eval/checkpoint steps: no per-step sync
-            elif not bool(finite):
-                if t.skip_nonfinite:
-                    optimizer.zero_grad(set_to_none=True)
-                    say(f"warning: non-finite loss/gradients at step {step + 1}; update skipped")
-                    step += 1
-                    tokens += tokens_per_step
-                    metrics.log({"step": step, "skipped_nonfinite": 1})
-                    continue
-                raise _nonfinite_error(step + 1, run_dir)
-            if scaler:
+            elif bool(finite):
+                in_a_row = 0
+            else:
+                if not t.skip_nonfinite:
+                    raise _nonfinite_error(step + 1, run_dir)
+                skip, skipped, in_a_row = True, skipped + 1, in_a_row + 1
+                if in_a_row >= MAX_SKIPS_IN_A_ROW:
+                    raise SLMError(
+                        f"loss or gradients were NaN/Inf {in_a_row} steps in a row (steps "
+                        f"{step + 2 - in_a_row}-{step + 1}): training does not recover; the last "
+                        f"checkpoints in {run_dir} are kept. Lower training.learning_rate or "
+                        "check the data"
+                    )
+                say(f"warning: non-finite loss/gradients at step {step + 1}; update skipped "
+                    f"({skipped} so far)")
+                metrics.log({"step": step + 1, "skipped_nonfinite": skipped})
+            if skip:  # the step still counts: signals, evaluation and checkpoints go on
+                if scaler:
+                    scaler.update()
+            elif scaler:
                 scaler.step(optimizer)
                 scaler.update()
             else:
