@@ -257,12 +257,13 @@ def _brief(e: Exception) -> str:
 
 
 def offline_message(what: str, host: str, reason: str) -> str:
+    hub = (" A Hugging Face dataset downloaded elsewhere (`hf download <repo> --repo-type dataset "
+           "--local-dir DIR`) is read offline as data.source: hf:DIR.") if host.endswith(
+        "huggingface.co") or "hf:" in what else ""
     return (
         f"{what} needs the network (to reach {host}), which is not available here: {reason}. "
         "Connect and retry, or point data.source at local files instead: a .txt/.jsonl/.parquet "
-        "file or a folder of them (e.g. --data.source ./my_corpus/). A Hugging Face dataset "
-        "downloaded elsewhere (`huggingface-cli download <repo> --repo-type dataset --local-dir "
-        "DIR`) is read offline as data.source: hf:DIR"
+        f"file or a folder of them (e.g. --data.source ./my_corpus/).{hub}"
     )
 
 
