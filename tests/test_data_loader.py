@@ -1,4 +1,4 @@
-"""Reading shards: corrupt or foreign shards refused by name, rank slices, boundaries, exact resume."""
+"""Reading shards: corrupt or foreign shards refused by name; rank slices; boundaries; resume."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Preparation: resumable after SIGKILL (same bytes), never redone, partitioned API, dtypes, splits."""
+"""Preparation: resumes after SIGKILL to the same bytes; never redone; partitioned API; dtypes."""
 
 from __future__ import annotations
 

@@ -25,21 +25,13 @@ stays bounded whatever the corpus size: nothing holds more than a few batches of
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import re
-import signal
-import sys
 import time
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +39,7 @@ import numpy as np
 from src.data import sources
 from src.data import tokenizer as toklib
 from src.data.shards import ShardWriter, open_shard, read_header
+from src.data.workers import Progress, tokenized, workers
 from src.errors import SLMError
 
 FORMAT = 2
@@ -406,123 +399,7 @@ def _batches(items, writers) -> Iterator[tuple[list, list]]:
         yield meta, texts
 
 
-def _encode(tok, texts: list[str], ends: list[bool]):
-    """Token ids of each text (+ end-of-text where a document ends), flat; lengths; UTF-8 bytes."""
-    nbytes = np.empty(len(texts), np.int64)
-    for k, t in enumerate(texts):
-        try:
-            nbytes[k] = len(t.encode("utf-8"))
-        except UnicodeEncodeError:  # lone surrogates (e.g. from JSON): replace them
-            texts[k] = t.encode("utf-8", "replace").decode("utf-8")
-            nbytes[k] = len(texts[k].encode("utf-8"))
-    ids = tok.encode_serial(texts)
-    for x, e in zip(ids, ends, strict=True):
-        if e:
-            x.append(tok.eot_id)
-    lens = np.fromiter(map(len, ids), np.int64, len(ids))
-    flat = np.fromiter(chain.from_iterable(ids), tok.dtype, int(lens.sum()))
-    return flat, lens, nbytes
-
-
-_WORKER_TOK = None
-
-
-def _worker_init(record: dict) -> None:
-    global _WORKER_TOK
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    if sys.platform.startswith("linux"):  # die with the parent, even when it is SIGKILLed
-        try:
-            ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass
-    _WORKER_TOK = toklib.from_dict(record)
-
-
-def _worker_encode(texts, ends):
-    return _encode(_WORKER_TOK, texts, ends)
-
-
-@contextmanager
-def _one_thread():
-    """Tokenizer libraries on one thread: each preparation process is one worker."""
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
-
-
-@contextmanager
-def _workers(tok, n: int):
-    """n tokenizer processes (None for n <= 1: tokenize in this process)."""
-    with _one_thread():
-        if n <= 1:
-            yield None
-            return
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_worker_init,
-                                   initargs=(tok.to_dict(),))
-        try:
-            yield pool
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _tokenized(batches, tok, pool, n: int):
-    """(meta, (tokens, lengths, bytes)) per batch, in order; at most 2n batches in flight."""
-    if pool is None:
-        for meta, texts in batches:
-            yield meta, _encode(tok, texts, [m[3] for m in meta])
-        return
-    pending: deque = deque()
-    for meta, texts in batches:
-        pending.append((meta, pool.submit(_worker_encode, texts, [m[3] for m in meta])))
-        if len(pending) >= 2 * n:
-            m, fut = pending.popleft()
-            yield m, fut.result()
-    while pending:
-        m, fut = pending.popleft()
-        yield m, fut.result()
-
-
-class _Progress:
-    """A tqdm bar (documents, tokens, MB/s) on a terminal; a log line every 30 s elsewhere."""
-
-    def __init__(self, enabled: bool | None, total: int | None, log):
-        enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing",
-                            dynamic_ncols=True, smoothing=0.05)
-        self.log, self.t0 = log, time.time()
-        self.last, self.docs, self.tokens, self.bytes = self.t0, 0, 0, 0
-
-    def update(self, nbytes: int, docs: int, tokens: int) -> None:
-        self.bytes, self.docs, self.tokens = self.bytes + nbytes, self.docs + docs, self.tokens + tokens
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"{self.docs:,} docs, {self.tokens:,} tokens", refresh=False)
-            self.bar.update(nbytes)
-        elif time.time() - self.last >= 30:
-            self.last = time.time()
-            self.log(f"  {self.summary()}")
-
-    def summary(self) -> str:
-        dt = max(time.time() - self.t0, 1e-9)
-        return (f"{self.docs:,} documents, {self.tokens:,} tokens, {self.bytes / 1e6:,.1f} MB "
-                f"at {self.bytes / 1e6 / dt:.2f} MB/s, {self.tokens / dt:,.0f} tokens/s")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _run_part(cfg, out: Path, part: dict, tok, pool, n: int, bar: _Progress, log) -> dict:
+def _run_part(cfg, out: Path, part: dict, tok, pool, n: int, bar: Progress, log) -> dict:
     i = part["index"]
     result_path = out / f"part_{i:04d}.json"
     if result_path.is_file():
@@ -537,7 +414,7 @@ def _run_part(cfg, out: Path, part: dict, tok, pool, n: int, bar: _Progress, log
     progress_path = out / f"part_{i:04d}.progress.json"
     try:
         batches = _batches(part_items(part, cfg.data), writers)
-        for meta, (flat, lens, nbytes) in _tokenized(batches, tok, pool, n):
+        for meta, (flat, lens, nbytes) in tokenized(batches, tok, pool, n):
             ends = np.cumsum(lens)
             for k, (idx, split, nchars, end_doc) in enumerate(meta):
                 toks = flat[ends[k] - lens[k] : ends[k]]
@@ -573,9 +450,9 @@ def prepare_part(cfg, data_root: str | Path, part: dict, log=print, progress=Non
     out = dataset_dir(cfg.data, data_root)
     tok = _tokenizer_for(out)
     n = num_workers(cfg.data)
-    bar = _Progress(progress, part.get("bytes"), log)
+    bar = Progress(progress, part.get("bytes"), log)
     try:
-        with _workers(tok, n) as pool:
+        with workers(tok, n) as pool:
             res = _run_part(cfg, out, part, tok, pool, n, bar, log)
     finally:
         bar.close()
@@ -652,10 +529,10 @@ def prepare(cfg, data_root: str | Path, log=print, progress: bool | None = None)
     tok = _tokenizer_for(out)
     n = num_workers(cfg.data)
     sizes = [p.get("bytes") for p in parts]
-    bar = _Progress(progress, None if None in sizes else sum(sizes), log)
     log(f"tokenizing {len(parts)} part(s) with {n} process(es)")
+    bar = Progress(progress, None if None in sizes else sum(sizes), log)
     try:
-        with _workers(tok, n) as pool:
+        with workers(tok, n) as pool:
             results = [_run_part(cfg, out, p, tok, pool, n, bar, log) for p in parts]
     finally:
         bar.close()
@@ -667,7 +544,8 @@ def load_dataset(out: Path) -> Dataset:
     try:
         manifest = json.loads((out / "manifest.json").read_text())
     except (OSError, ValueError) as e:
-        raise SLMError(f"{out}/manifest.json is unreadable ({e}); delete {out} to rebuild") from None
+        raise SLMError(f"{out}/manifest.json is unreadable ({e}); delete {out} to rebuild") \
+            from None
     tok = toklib.load(out / "tokenizer.json")
     ds = Dataset(out, tok, manifest)
     for s in manifest["shards"]:

@@ -1,10 +1,10 @@
-"""Where text comes from: a `data.source` string, resolved into groups of inputs that yield documents.
+"""Where text comes from: a `data.source` string, resolved into groups of inputs yielding documents.
 
     python-stdlib            the running interpreter's standard-library sources (no download)
     tinyshakespeare, tinystories, fineweb-edu-10b, openwebtext      presets (PRESETS below)
     path/to/file-or-folder   text files (.txt .md .py .rst .text: one document per file), JSON lines
-                             (.jsonl .ndjson: one per line) and Parquet (.parquet: one per row), each
-                             optionally compressed (.gz .bz2 .xz; .zst with the `zstandard` package)
+                             (.jsonl .ndjson: one per line) and Parquet (.parquet: one per row),
+                             each optionally compressed (.gz .bz2 .xz; .zst with `zstandard`)
     https://host/path/file   downloaded once into <data_root>/datasets/downloads/ (sha256 recorded)
     hf:<repo>[:<subset>]     a Hugging Face dataset, streamed; data.split and data.text_field pick
                              the rows' split and text column (a local copy: hf:/path/to/repo-folder)
@@ -120,7 +120,8 @@ def local_groups(source: str, label: str | None = None) -> list[dict]:
         if mine and kind == "text":
             groups.append({"kind": "text", "files": mine})
         elif mine:
-            groups.append({"kind": "rows", "builder": kind, "files": mine, "label": label or source})
+            groups.append({"kind": "rows", "builder": kind, "files": mine,
+                           "label": label or source})
     return groups
 
 
@@ -200,7 +201,7 @@ def open_rows(unit: dict, text_field: str):
     except SLMError:
         raise
     except Exception as e:
-        raise SLMError(f"data.source {label}: cannot be opened by `datasets` ({_brief(e)})") from None
+        raise SLMError(f"data.source {label}: `datasets` cannot open it ({_brief(e)})") from None
     return ds
 
 

@@ -96,7 +96,8 @@ class CharTokenizer(Tokenizer):
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:
-            raise SLMError(f"character {e.args[0]!r} is not in this char tokenizer's vocab") from None
+            raise SLMError(f"character {e.args[0]!r} is not in this char tokenizer's vocab") \
+                from None
 
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids if i < len(self.chars))
