@@ -3,7 +3,7 @@ and the loader's batches/s and tokens/s.
 
     python bench/bench_data.py                                    # the embedded corpus (~12 MB)
     python bench/bench_data.py --source tinyshakespeare.txt --repeat 20 --workers 1,2
-    python bench/bench_data.py --repeat 4                         # 4x the corpus: memory stays flat
+    python bench/bench_data.py --repeat 10 --tokenizer char     # 10x the corpus: flat memory
 
 The tokenizer is trained once (not timed); each preparation then runs as `slm prepare` in its own
 process while this script samples the memory of that process and its workers (PSS, so pages the
@@ -124,6 +124,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="copies of the source's documents")
     ap.add_argument("--workers", default=None, help="worker counts, e.g. 1,2 (default: 1,all)")
     ap.add_argument("--shard-tokens", type=int, default=100_000_000)
+    ap.add_argument("--tokenizer", default=None, help="data.tokenizer (default: the config's)")
     args = ap.parse_args()
     cores = len(os.sched_getaffinity(0))
     counts = [int(x) for x in args.workers.split(",")] if args.workers else sorted({1, cores})
@@ -132,6 +133,7 @@ def main() -> None:
         tmp = Path(tmp)
         source = _corpus(args.source, args.repeat, tmp)
         overrides = [f"data.source={source}", f"data.shard_tokens={args.shard_tokens}"]
+        overrides += [f"data.tokenizer={args.tokenizer}"] if args.tokenizer else []
         cfg = load_config(args.config, overrides)
         t0 = time.time()
         plan(cfg, tmp / "base", log=lambda *a: None)  # resolve + train the tokenizer, once
