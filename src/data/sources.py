@@ -94,7 +94,7 @@ def file_kind(path: Path) -> str | None:
 
 
 def local_files(source: str) -> list[Path]:
-    p = Path(source).expanduser()
+    p = Path(source).expanduser().absolute()  # parts may run from another directory
     if p.is_file():
         return [p]
     if p.is_dir():
