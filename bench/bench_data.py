@@ -64,6 +64,15 @@ def _memory(pid: int) -> tuple[int, int]:
     return pss, rss
 
 
+def _own_cpu(pid: int) -> float | None:
+    """CPU seconds the process itself (not its workers) has used so far."""
+    try:
+        st = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _corpus(source: str, repeat: int, tmp: Path) -> str:
     """The source itself, or a folder holding `repeat` copies of its documents."""
     if repeat == 1:
@@ -90,11 +99,12 @@ def bench_prepare(cfg_path, overrides, base: Path, root: Path, workers: int) -> 
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    peak_pss = peak_rss = 0
+    peak_pss = peak_rss = main_cpu = 0
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # usage: with the reaped workers
         if pid:
             break
+        main_cpu = _own_cpu(proc.pid) or main_cpu
         pss, rss = _memory(proc.pid)
         peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
         time.sleep(0.05)
@@ -108,7 +118,8 @@ def bench_prepare(cfg_path, overrides, base: Path, root: Path, workers: int) -> 
     return {"workers": workers, "seconds": secs, "wall": time.time() - t0,
             "mb_s": nbytes / 1e6 / secs, "tok_s": tokens / secs, "pss": peak_pss,
             "rss": peak_rss, "bytes": nbytes, "tokens": tokens, "dir": dst,
-            "cpu": usage.ru_utime + usage.ru_stime, "vocab": m["tokenizer"]["vocab_size"]}
+            "cpu": usage.ru_utime + usage.ru_stime, "main_cpu": main_cpu,
+            "vocab": m["tokenizer"]["vocab_size"]}
 
 
 def bench_loader(ds_dir: Path, seq_len: int, batch_size: int, seconds: float = 3.0) -> dict:
@@ -165,14 +176,16 @@ def main() -> None:
           f"{first['tokens']:,} tokens ({cfg.data.tokenizer}, vocab {first['vocab']:,}); "
           f"tokenizer trained in {t_plan:.1f} s (not timed below)")
     print(f"machine: {cores} cores, load average {load0:.1f} before / {load1:.1f} after")
-    print(f"{'workers':>7} {'tokenize s':>10} {'wall s':>7} {'CPU s':>6} {'MB/s':>6} "
+    print(f"{'workers':>7} {'tokenize s':>10} {'wall s':>7} {'CPU s':>6} {'main':>5} {'MB/s':>6} "
           f"{'tokens/s':>10} {'speed-up':>8} {'peak PSS':>9} {'max RSS':>8}")
     for r in rows:
         print(f"{r['workers']:>7} {r['seconds']:>10.1f} {r['wall']:>7.1f} {r['cpu']:>6.1f} "
+              f"{r['main_cpu']:>5.1f} "
               f"{r['mb_s']:>6.2f} {r['tok_s']:>10,.0f} {r['mb_s'] / first['mb_s']:>7.2f}x "
               f"{r['pss'] / 2**20:>6,.0f} MB {r['rss'] / 2**20:>5,.0f} MB")
     print(f"(best of {args.rounds} alternating runs each; peak memory over all of them; wall and "
-          "CPU s include starting Python and loading the shards)")
+          "CPU s include starting Python and loading the shards; main: CPU s of the parent "
+          "process alone, the serial share of the work)")
     ratio = loader["tok_s"] / TINY_TRAIN_TOKENS_S
     print(f"loader (batch {cfg.training.batch_size} x seq {cfg.seq_len}): "
           f"{loader['batches_s']:,.0f} batches/s, {loader['tok_s']:,.0f} tokens/s "
