@@ -95,8 +95,10 @@ def cmd_train(args, extra) -> int:
 def cmd_prepare(args, extra) -> int:
     from src.data.prepare import prepare
 
+    if args.workers is not None:
+        extra = [*extra, f"--data.num_workers={args.workers}"]
     cfg = load_cfg(args, extra)
-    ds = prepare(cfg, data_root(args))
+    ds = prepare(cfg, data_root(args), progress=args.progress)
     m = ds.manifest
     print(f"{ds.dir}: {m['train']['tokens']:,} train + {m['val']['tokens']:,} val tokens, "
           f"{len(ds.train)} + {len(ds.val)} shards, {m['tokenizer']['kind']} vocab "
@@ -134,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="tokenize a config's data into shards")
     add_config_args(p)
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizer processes (default data.num_workers; 0 = one per core)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar (default: when the output is a terminal)")
     p.set_defaults(fn=cmd_prepare)
 
     p = sub.add_parser("sample", help="generate text from a checkpoint")

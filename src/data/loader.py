@@ -62,7 +62,8 @@ class BatchLoader:
     def next_batch(self, device="cpu"):
         """(x, y) of shape (B, T) for this rank; advances the shared position."""
         first = self.position + self.rank * self.B
-        rows = [self.stream.read(self._window(k) * self.T, self.T + 1) for k in range(first, first + self.B)]
+        rows = [self.stream.read(self._window(k) * self.T, self.T + 1)
+                for k in range(first, first + self.B)]
         self.position += self.B * self.world
         buf = torch.from_numpy(np.stack(rows).astype(np.int64))
         if device != "cpu" and torch.device(device).type == "cuda":
@@ -75,7 +76,8 @@ class BatchLoader:
         return {"position": self.position, "seed": self.seed, "n_windows": self.n_windows}
 
     def load_state_dict(self, s: dict) -> None:
-        if s.get("n_windows") not in (None, self.n_windows) or s.get("seed", self.seed) != self.seed:
+        same_seed = s.get("seed", self.seed) == self.seed
+        if s.get("n_windows") not in (None, self.n_windows) or not same_seed:
             raise SLMError(
                 "the checkpoint was trained on different data (another dataset, seq_len or seed); "
                 "resume with the same data config, or start over with --resume never"

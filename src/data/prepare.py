@@ -1,10 +1,26 @@
 """Tokenize a data.source once into shards under <data_root>/datasets/, and reuse them after.
 
     slm prepare --config configs/tiny.yaml          # also run by training when shards are missing
+    slm prepare --config configs/gpt_124m.yaml --data.source fineweb-edu-10b --workers 8
 
 The folder name holds a key over everything that changes the tokens (the source's fingerprint,
 the tokenizer, the split), so a changed source or tokenizer gets a fresh build and an unchanged
 one is never redone. A folder is complete once its manifest.json exists (written last).
+
+Preparation has three steps, which Modal spreads over many CPU containers:
+  plan(cfg, root)               resolve the source, train and save the tokenizer, cut the work into
+                                independent parts (JSON-able dicts); [] when already prepared
+  prepare_part(cfg, root, part) tokenize one part into its own shards (idempotent, resumable)
+  finalize(cfg, root, results)  write the manifest that ties the parts' shards together
+`prepare()` runs all three here, tokenizing with data.num_workers processes (0 = one per core).
+
+Within a part, documents stream in a fixed order (long ones in pieces, cut where the tokens do not
+change), go to train or validation (by a hash of each document, or, for sources of fewer than 20
+documents, each document's tail), are tokenized by worker processes (a bounded queue; results in
+order), each followed by the end-of-text token, and fill fixed-size shards. After each complete
+shard, the part's progress file records where the next shard starts (item and token offset), so an
+interrupted preparation resumes after its last complete shard and writes the same bytes. Memory
+stays bounded whatever the corpus size: nothing holds more than a few batches of text.
 """
 
 from __future__ import annotations
@@ -12,22 +28,28 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
-import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
 from src.data import sources
 from src.data import tokenizer as toklib
-from src.data.shards import open_shard, write_shard
+from src.data.shards import ShardWriter, open_shard, read_header
+from src.data.workers import Progress, tokenized, workers
 from src.errors import SLMError
 
-FORMAT = 1
+FORMAT = 2
 MIN_DOCS_FOR_SPLIT = 20  # fewer documents than this: split each document's tail instead
+PIECE_CHARS = 1 << 18  # longer documents are tokenized in pieces of at most this many characters
+BATCH_CHARS = 1 << 19  # characters per task sent to a tokenizer process
+PART_BYTES = 1 << 28  # text files are grouped into parts of about this size
+MAX_PARTS = 64  # a Parquet/JSON-lines group is split into at most this many parts
+SPLITS = ("train", "val")
 
 
 @dataclass
@@ -50,6 +72,7 @@ def dataset_key(data_cfg) -> dict:
         "val_fraction": d.val_fraction,
         "tokenizer": d.tokenizer,
         "text_field": d.text_field,
+        "split": d.split,
         "shard_tokens": d.shard_tokens,
     }
     if d.tokenizer == "bpe":
@@ -65,133 +88,459 @@ def dataset_dir(data_cfg, data_root: str | Path) -> Path:
     return Path(data_root) / "datasets" / f"{slug}-{tok}-{h}"
 
 
-def _split_docs(data_cfg):
-    """(train_docs, val_docs) as lazy iterables, by the rules in the module docstring."""
-    d = data_cfg
-    if d.val_source:
-        return (lambda: sources.iter_documents(d.source, d.text_field)), (
-            lambda: sources.iter_documents(d.val_source, d.text_field)
-        )
-    need = max(MIN_DOCS_FOR_SPLIT, math.ceil(2 / d.val_fraction))  # >= 2 validation documents
-    n_docs = sum(1 for _ in islice(sources.iter_documents(d.source, d.text_field), need))
-    if n_docs < need:  # few documents: hold out each one's tail
-
-        def tail(keep_val: bool):
-            for text in sources.iter_documents(d.source, d.text_field):
-                cut = int(len(text) * (1 - d.val_fraction))
-                nl = text.rfind("\n", 0, cut)
-                cut = nl + 1 if nl > cut // 2 else cut
-                yield text[cut:] if keep_val else text[:cut]
-
-        return (lambda: tail(False)), (lambda: tail(True))
-
-    def pick(val: bool):
-        for i, text in enumerate(sources.iter_documents(d.source, d.text_field)):
-            if sources.is_val_document(i, d.val_fraction) == val:
-                yield text
-
-    return (lambda: pick(False)), (lambda: pick(True))
+def num_workers(data_cfg) -> int:
+    if data_cfg.num_workers:
+        return data_cfg.num_workers
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        return os.cpu_count() or 1
 
 
-def _sample(docs, max_bytes: int):
-    n = 0
-    for text in docs:
-        yield text
-        n += len(text)
-        if n >= max_bytes:
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- documents -> items
+
+
+def _cut(buf: str) -> int:
+    """Where to end a piece so that its tokens equal the whole text's: before a space that starts
+    a word, or after a newline between two non-space characters (GPT-2-style pre-tokenization
+    never joins across either); failing both, at a newline or a fixed length."""
+    lo, hi = PIECE_CHARS // 2, PIECE_CHARS
+    i = buf.rfind(" ", lo, hi)
+    while i >= lo:
+        if not buf[i + 1].isspace():
+            return i
+        i = buf.rfind(" ", lo, i)
+    i = buf.rfind("\n", lo, hi)
+    while i >= lo:
+        if not buf[i - 1].isspace() and not buf[i + 1].isspace():
+            return i + 1
+        i = buf.rfind("\n", lo, i)
+    i = buf.rfind("\n", lo, hi)
+    return i + 1 if i >= 0 else hi
+
+
+def _pieces(chunks) -> Iterator[str]:
+    """Re-cut a stream of text into pieces of at most PIECE_CHARS (always at least one piece)."""
+    buf = ""
+    for c in chunks:
+        buf += c
+        while len(buf) > PIECE_CHARS:
+            k = _cut(buf)
+            yield buf[:k]
+            buf = buf[k:]
+    yield buf
+
+
+def _span(doc, start: int, end: int | None):
+    """The text of doc[start:end] as a stream of chunks (doc: str or sources.TextFile)."""
+    if isinstance(doc, str):
+        yield doc[start:end]
+        return
+    pos = 0
+    for c in doc.chunks():
+        a, b = max(start - pos, 0), len(c) if end is None else min(end - pos, len(c))
+        if a < b:
+            yield c[a:b]
+        pos += len(c)
+        if end is not None and pos >= end:
             return
 
 
-def build_tokenizer(data_cfg, train_docs, val_docs) -> toklib.Tokenizer:
+def _tail_cut(doc, val_fraction: float) -> int:
+    """Where a document's validation tail starts: the last line start before 1 - val_fraction."""
+    if isinstance(doc, str):
+        cut = int(len(doc) * (1 - val_fraction))
+        nl = doc.rfind("\n", 0, cut)
+    else:  # a text file, maybe larger than memory: two streaming passes
+        cut = int(sum(len(c) for c in doc.chunks()) * (1 - val_fraction))
+        nl, pos = -1, 0
+        for c in doc.chunks():
+            if pos >= cut:
+                break
+            j = c.rfind("\n", 0, cut - pos)
+            nl = pos + j if j >= 0 else nl
+            pos += len(c)
+    return nl + 1 if nl > cut // 2 else cut
+
+
+def part_items(part: dict, data_cfg) -> Iterator[tuple[str, str, bool]]:
+    """(split, text, ends_document) for every piece of a part, in a fixed order."""
+    mode, p, frac = part["mode"], part["index"], data_cfg.val_fraction
+    for j, doc in enumerate(sources.iter_docs(part["unit"], data_cfg.text_field)):
+        if mode == "tail":
+            cut = _tail_cut(doc, frac)
+            spans = [("train", 0, cut), ("val", cut, None)]
+        else:
+            spans = [(mode, 0, None)]
+        for split, a, b in spans:
+            pieces = _pieces(_span(doc, a, b))
+            piece = next(pieces)
+            if split == "hash":  # parts start at different phases of the 1-in-N pattern
+                offset = p * 7919 % max(1, math.ceil(1 / frac))
+                split = "val" if sources.is_val_document(j, frac, offset) else "train"
+            for nxt in pieces:
+                yield split, piece, False
+                piece = nxt
+            yield split, piece, True
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _sample(texts, max_chars: int):
+    n = 0
+    for text in texts:
+        yield text
+        n += len(text)
+        if n >= max_chars:
+            return
+
+
+def build_tokenizer(data_cfg, parts: list[dict]) -> toklib.Tokenizer:
+    """The tokenizer data.tokenizer names; bpe is trained on a bounded sample of the train text."""
     kind = data_cfg.tokenizer
     if kind == "bytes":
         return toklib.ByteTokenizer()
     if kind == "gpt2":
         return toklib.GPT2Tokenizer()
+
+    def texts(splits):
+        return (t for p in parts for s, t, _ in part_items(p, data_cfg) if s in splits)
+
     if kind == "char":
-        return toklib.CharTokenizer.train(
-            t for docs in (train_docs(), val_docs()) for t in docs
+        return toklib.CharTokenizer.train(texts({"train", "val"}))
+    sample = _sample(texts({"train"}), data_cfg.tokenizer_sample_bytes)
+    return toklib.BPETokenizer.train(sample, data_cfg.vocab_size)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def _units(groups: list[dict], text_field: str) -> list[dict]:
+    units = []
+    for g in groups:
+        if g["kind"] != "text":
+            units += sources.row_units(g, text_field, MAX_PARTS)
+            continue
+        files, size = [], 0
+        for f in g["files"]:
+            files.append(f)
+            size += os.path.getsize(f)
+            if size >= PART_BYTES:
+                units.append({"kind": "text", "files": files})
+                files, size = [], 0
+        if files:
+            units.append({"kind": "text", "files": files})
+    return units
+
+
+def _size(unit: dict) -> int | None:
+    """Bytes of text in a unit when known (uncompressed local text files), for the progress bar."""
+    if unit["kind"] != "text" or any(f.endswith(sources.COMPRESSION) for f in unit["files"]):
+        return None
+    return sum(os.path.getsize(f) for f in unit["files"])
+
+
+def plan(cfg, data_root: str | Path, log=print) -> list[dict]:
+    """Resolve the source, save the tokenizer, and return the independent parts to tokenize.
+
+    Returns [] when the dataset is already prepared. The plan is saved (plan.json), so a resumed
+    or fanned-out preparation works on the same parts and tokenizer."""
+    d = cfg.data
+    out = dataset_dir(d, data_root)
+    if (out / "manifest.json").is_file():
+        return []
+    if (out / "plan.json").is_file():
+        return _read_json(out / "plan.json")["parts"]
+    t0 = time.time()
+    log(f"preparing {d.source} -> {out}")
+    groups, info = sources.resolve(d.source, data_root, d.split, log)
+    vinfo = None
+    if d.val_source:
+        vgroups, vinfo = sources.resolve(d.val_source, data_root, _val_split(d), log)
+        parts = [{"unit": u, "mode": "train"} for u in _units(groups, d.text_field)]
+        parts += [{"unit": u, "mode": "val"} for u in _units(vgroups, d.text_field)]
+    else:
+        need = max(MIN_DOCS_FOR_SPLIT, math.ceil(2 / d.val_fraction))  # >= 2 validation docs
+        few = sources.count_documents(groups, d.text_field, need)
+        mode = "tail" if few < need else "hash"
+        parts = [{"unit": u, "mode": mode} for u in _units(groups, d.text_field)]
+    for i, p in enumerate(parts):
+        p["index"], p["bytes"] = i, _size(p["unit"])
+    out.mkdir(parents=True, exist_ok=True)
+    tok_path = out / "tokenizer.json"
+    if tok_path.is_file():  # an earlier plan stopped after saving it: keep the very same tokenizer
+        tok = toklib.load(tok_path)
+    else:
+        t1 = time.time()
+        tok = build_tokenizer(d, parts)
+        tok.save(tok_path)
+        log(f"tokenizer: {tok.kind}, vocab {tok.vocab_size:,} ({time.time() - t1:.1f} s)")
+    _write_json(out / "plan.json", {"parts": parts, "source": info, "val_source": vinfo,
+                                    "tokenizer": tok.id, "seconds": round(time.time() - t0, 2)})
+    return parts
+
+
+def _val_split(d) -> str:
+    """The split read from a hub val_source: its validation split when data.split is train."""
+    spec = sources.expand(d.val_source)
+    if not sources.is_hub(spec) or d.split != "train":
+        return d.split
+    return "validation"
+
+
+# ----------------------------------------------------------------------------- one part
+
+
+def _zero() -> dict:
+    return {"documents": 0, "chars": 0, "bytes": 0, "tokens": 0}
+
+
+class _SplitWriter:
+    """Fills one split's fixed-size shards for one part, remembering where each shard ends."""
+
+    def __init__(self, out: Path, part: int, split: str, tok, shard_tokens: int, resume=None):
+        self.out, self.split, self.prefix = out, split, f"{split}_{part:04d}"
+        self.tok, self.size = tok, shard_tokens
+        self.resume = resume or {"shards": [], "next_item": 0, "skip": 0, "stats": _zero()}
+        self.shards = list(self.resume["shards"])
+        self.stats = dict(self.resume["stats"])
+        self.next_item, self.skip = self.resume["next_item"], self.resume["skip"]
+        self.w: ShardWriter | None = None
+        self.changed = False
+
+    def add(self, idx: int, toks: np.ndarray, nchars: int, nbytes: int, ends: bool) -> None:
+        before = dict(self.stats)
+        s = self.stats
+        s["documents"] += int(ends)
+        s["chars"] += nchars
+        s["bytes"] += nbytes
+        s["tokens"] += len(toks)
+        off = self.skip if idx == self.next_item else 0  # a resumed item: its head is in a shard
+        self.skip = 0
+        while off < len(toks):
+            if self.w is None:
+                name = f"{self.prefix}_{len(self.shards):05d}.bin"
+                self.w = ShardWriter(self.out / name, self.tok.dtype, self.tok.id)
+            take = min(self.size - self.w.n, len(toks) - off)
+            self.w.write(toks[off : off + take])
+            off += take
+            if self.w.n == self.size:
+                self._close()
+                done = off == len(toks)
+                self.resume = {"shards": list(self.shards), "next_item": idx + 1 if done else idx,
+                               "skip": 0 if done else off, "stats": dict(s if done else before)}
+                self.changed = True
+
+    def _close(self) -> None:
+        n = self.w.close()
+        self.shards.append({"file": self.w.path.name, "split": self.split, "tokens": n})
+        self.w = None
+
+    def finish(self) -> None:
+        if self.w is not None:
+            self._close()
+
+    def abort(self) -> None:
+        if self.w is not None:
+            self.w.abort()
+            self.w = None
+
+
+def _resume_state(out: Path, i: int, tok, log) -> dict:
+    """The part's saved progress if its shards are intact; stray files of the part removed."""
+    path, state = out / f"part_{i:04d}.progress.json", {}
+    if path.is_file():
+        try:
+            state = _read_json(path)
+        except ValueError:
+            state = {}
+        if state.get("tokenizer") != tok.id:
+            state = {}
+        for sh in (sh for s in SPLITS for sh in state.get(s, {}).get("shards", [])):
+            try:
+                h = read_header(out / sh["file"])
+                ok = h["n_tokens"] == sh["tokens"] and h["tokenizer_id"] == tok.id
+            except SLMError:
+                ok = False
+            if not ok:
+                log(f"part {i}: {sh['file']} is damaged; tokenizing this part again")
+                state = {}
+                break
+    keep = {sh["file"] for s in SPLITS for sh in state.get(s, {}).get("shards", [])}
+    for s in SPLITS:
+        for f in out.glob(f"{s}_{i:04d}_*"):
+            if f.name not in keep:
+                f.unlink()
+    return state
+
+
+def _batches(items, writers) -> Iterator[tuple[list, list]]:
+    """Consecutive items still to tokenize, grouped into tasks of about BATCH_CHARS."""
+    meta, texts, n = [], [], 0
+    for idx, (split, text, ends) in enumerate(items):
+        if idx < writers[split].next_item:  # in a shard written before an interruption
+            continue
+        meta.append((idx, split, len(text), ends))
+        texts.append(text)
+        n += len(text)
+        if n >= BATCH_CHARS or len(meta) >= 8192:
+            yield meta, texts
+            meta, texts, n = [], [], 0
+    if meta:
+        yield meta, texts
+
+
+def _run_part(cfg, out: Path, part: dict, tok, pool, n: int, bar: Progress, log) -> dict:
+    i = part["index"]
+    result_path = out / f"part_{i:04d}.json"
+    if result_path.is_file():
+        return _read_json(result_path)
+    t0 = time.time()
+    state = _resume_state(out, i, tok, log)
+    writers = {s: _SplitWriter(out, i, s, tok, cfg.data.shard_tokens, state.get(s))
+               for s in SPLITS}
+    done = sum(len(w.shards) for w in writers.values())
+    if done:
+        log(f"part {i}: resuming after its {done} complete shard(s)")
+    progress_path = out / f"part_{i:04d}.progress.json"
+    try:
+        batches = _batches(part_items(part, cfg.data), writers)
+        for meta, (flat, lens, nbytes) in tokenized(batches, tok, pool, n):
+            ends = np.cumsum(lens)
+            for k, (idx, split, nchars, end_doc) in enumerate(meta):
+                toks = flat[ends[k] - lens[k] : ends[k]]
+                writers[split].add(idx, toks, nchars, int(nbytes[k]), end_doc)
+            if any(w.changed for w in writers.values()):
+                state = {"tokenizer": tok.id} | {s: w.resume for s, w in writers.items()}
+                _write_json(progress_path, state)
+                for w in writers.values():
+                    w.changed = False
+            bar.update(int(nbytes.sum()), sum(m[3] for m in meta), int(lens.sum()))
+        for w in writers.values():
+            w.finish()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    result = {"index": i, "shards": writers["train"].shards + writers["val"].shards,
+              "train": writers["train"].stats, "val": writers["val"].stats,
+              "seconds": round(time.time() - t0, 2)}
+    _write_json(result_path, result)
+    progress_path.unlink(missing_ok=True)
+    return result
+
+
+def _tokenizer_for(out: Path) -> toklib.Tokenizer:
+    if not (out / "tokenizer.json").is_file():
+        raise SLMError(f"{out}: no tokenizer.json yet; run plan() (or `slm prepare`) first")
+    return toklib.load(out / "tokenizer.json")
+
+
+def prepare_part(cfg, data_root: str | Path, part: dict, log=print, progress=None) -> dict:
+    """Tokenize one part of plan()'s into its own shards; returns its result (idempotent)."""
+    out = dataset_dir(cfg.data, data_root)
+    tok = _tokenizer_for(out)
+    n = num_workers(cfg.data)
+    bar = Progress(progress, part.get("bytes"), log)
+    try:
+        with workers(tok, n) as pool:
+            res = _run_part(cfg, out, part, tok, pool, n, bar, log)
+    finally:
+        bar.close()
+    log(f"part {part['index']}: {bar.summary()}")
+    return res
+
+
+# ----------------------------------------------------------------------------- finalize
+
+
+def finalize(cfg, data_root: str | Path, results: list[dict], log=print) -> Dataset:
+    """Write the manifest over all parts' shards (results: prepare_part's, in any order)."""
+    d = cfg.data
+    out = dataset_dir(d, data_root)
+    if (out / "manifest.json").is_file():
+        return load_dataset(out)
+    if not (out / "plan.json").is_file():
+        raise SLMError(f"{out}: no plan.json; run plan() (or `slm prepare`) first")
+    p = _read_json(out / "plan.json")
+    got = {r["index"]: r for r in results}
+    for part in p["parts"]:
+        path = out / f"part_{part['index']:04d}.json"
+        if part["index"] not in got:
+            if not path.is_file():
+                raise SLMError(
+                    f"{out}: part {part['index']} is not tokenized yet; run prepare_part for it "
+                    "(or `slm prepare`, which finishes whatever is missing)"
+                )
+            got[part["index"]] = _read_json(path)
+    ordered = [got[part["index"]] for part in p["parts"]]
+    shards = {s: [sh for r in ordered for sh in r["shards"] if sh["split"] == s] for s in SPLITS}
+    stats = {s: {k: sum(r[s][k] for r in ordered) for k in _zero()} for s in SPLITS}
+    if stats["train"]["chars"] == 0:  # (empty documents still count an end-of-text token)
+        raise SLMError(f"data.source {d.source}: no text found (the files are empty); "
+                       "point data.source at files that hold text")
+    if stats["val"]["tokens"] < 2:
+        raise SLMError(
+            f"data: the validation split of {d.val_source or d.source} is empty; "
+            "set data.val_source or raise data.val_fraction"
         )
-    return toklib.BPETokenizer.train(
-        _sample(train_docs(), data_cfg.tokenizer_sample_bytes), data_cfg.vocab_size
+    tok = _tokenizer_for(out)
+    manifest = {
+        "format": FORMAT,
+        "key": dataset_key(d),
+        "source": p["source"],
+        "val_source": p["val_source"],
+        "tokenizer": {"kind": tok.kind, "id": tok.id, "vocab_size": tok.vocab_size,
+                      "file": "tokenizer.json"},
+        "dtype": np.dtype(tok.dtype).name,
+        "shard_tokens": d.shard_tokens,
+        "parts": len(ordered),
+        "shards": shards["train"] + shards["val"],
+        "train": stats["train"],
+        "val": stats["val"],
+        "seconds": {"plan": p["seconds"], "tokenize": round(sum(r["seconds"] for r in ordered), 2)},
+    }
+    _write_json(out / "manifest.json", manifest)
+    st, sv = stats["train"], stats["val"]
+    log(
+        f"prepared {st['documents']:,} train / {sv['documents']:,} val documents: "
+        f"{st['tokens']:,} / {sv['tokens']:,} tokens in {len(shards['train'])} + "
+        f"{len(shards['val'])} shards ({tok.kind}, vocab {tok.vocab_size:,}, {manifest['dtype']})"
     )
+    return load_dataset(out)
 
 
-def _encode_split(tok, docs, split: str, out: Path, shard_tokens: int, log) -> tuple[list, dict]:
-    shards, buf, n_buf = [], [], 0
-    stats = {"documents": 0, "chars": 0, "tokens": 0}
+def prepare(cfg, data_root: str | Path, log=print, progress: bool | None = None) -> Dataset:
+    """Return the dataset for cfg.data, tokenizing it first (or finishing it) if needed.
 
-    def flush():
-        nonlocal buf, n_buf
-        arr = np.concatenate(buf).astype(tok.dtype) if buf else np.zeros(0, dtype=tok.dtype)
-        while len(arr) >= shard_tokens or (len(arr) and flush.final):
-            part, arr = arr[:shard_tokens], arr[shard_tokens:]
-            path = out / f"{split}_{len(shards):06d}.bin"
-            write_shard(path, part, tok.id)
-            shards.append({"file": path.name, "split": split, "tokens": int(len(part))})
-            log(f"  wrote {path.name}: {len(part):,} tokens")
-        buf, n_buf = ([arr] if len(arr) else []), len(arr)
-
-    flush.final = False
-    it = iter(docs)
-    while batch := list(islice(it, 256)):
-        for ids in tok.encode_batch(batch):
-            ids.append(tok.eot_id)
-            buf.append(np.asarray(ids, dtype=np.int64))
-            n_buf += len(ids)
-            stats["tokens"] += len(ids)
-        stats["documents"] += len(batch)
-        stats["chars"] += sum(len(t) for t in batch)
-        if n_buf >= shard_tokens:
-            flush()
-    flush.final = True
-    flush()
-    return shards, stats
-
-
-def prepare(cfg, data_root: str | Path, log=print) -> Dataset:
-    """Return the dataset for cfg.data, tokenizing it first if no complete build exists."""
+    progress: a tqdm bar (None: when stderr is a terminal)."""
     out = dataset_dir(cfg.data, data_root)
     if (out / "manifest.json").is_file():
         return load_dataset(out)
-    t0 = time.time()
-    log(f"preparing {cfg.data.source} -> {out}")
-    train_docs, val_docs = _split_docs(cfg.data)
-    tok = build_tokenizer(cfg.data, train_docs, val_docs)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tok.save(tmp / "tokenizer.json")
-    train, st = _encode_split(tok, train_docs(), "train", tmp, cfg.data.shard_tokens, log)
-    val, sv = _encode_split(tok, val_docs(), "val", tmp, cfg.data.shard_tokens, log)
-    if st["chars"] == 0:  # (empty documents still count an end-of-text token)
-        raise SLMError(f"data.source {cfg.data.source}: no text found (the files are empty); "
-                       "point data.source at files that hold text")
-    if sv["tokens"] < 2:
-        raise SLMError(
-            f"data: the validation split of {cfg.data.val_source or cfg.data.source} is empty; "
-            "set data.val_source or raise data.val_fraction"
-        )
-    manifest = {
-        "format": FORMAT,
-        "key": dataset_key(cfg.data),
-        "tokenizer": {"kind": tok.kind, "id": tok.id, "vocab_size": tok.vocab_size},
-        "dtype": np.dtype(tok.dtype).name,
-        "shards": train + val,
-        "train": st,
-        "val": sv,
-        "seconds": round(time.time() - t0, 2),
-    }
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    log(
-        f"prepared {st['documents']:,} train / {sv['documents']:,} val documents: "
-        f"{st['tokens']:,} / {sv['tokens']:,} tokens ({tok.kind}, vocab {tok.vocab_size}) "
-        f"in {manifest['seconds']:.1f} s"
-    )
-    return load_dataset(out)
+    parts = plan(cfg, data_root, log)
+    tok = _tokenizer_for(out)
+    n = num_workers(cfg.data)
+    sizes = [p.get("bytes") for p in parts]
+    log(f"tokenizing {len(parts)} part(s) with {n} process(es)")
+    bar = Progress(progress, None if None in sizes else sum(sizes), log)
+    try:
+        with workers(tok, n) as pool:
+            results = [_run_part(cfg, out, p, tok, pool, n, bar, log) for p in parts]
+    finally:
+        bar.close()
+    log(f"tokenized {bar.summary()}")
+    return finalize(cfg, data_root, results, log)
 
 
 def load_dataset(out: Path) -> Dataset:

@@ -3,6 +3,9 @@
 Header: magic b"SLMTOKS1", format version (u32), bytes per token (u32), token count (u64),
 tokenizer id (32 ASCII bytes), zero padding. Readers check every field and the file size, so a
 truncated, foreign or mismatched shard is refused with a message naming the file.
+
+Shards are written by `ShardWriter`, which streams tokens to `<name>.tmp` (memory stays bounded
+however large the shard) and renames the file into place only once it is complete and synced.
 """
 
 from __future__ import annotations
@@ -21,18 +24,46 @@ HEADER_BYTES = 256
 _FMT = "<8sIIQ32s"
 
 
+def _header(itemsize: int, n: int, tokenizer_id: str) -> bytes:
+    head = struct.pack(_FMT, MAGIC, VERSION, itemsize, n, tokenizer_id.encode())
+    return head.ljust(HEADER_BYTES, b"\0")
+
+
+class ShardWriter:
+    """Append tokens to a shard; `close()` writes the header and renames it into place."""
+
+    def __init__(self, path: str | Path, dtype, tokenizer_id: str):
+        self.path, self.tid = Path(path), tokenizer_id
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.f = open(self.tmp, "wb")
+        self.f.write(_header(self.dtype.itemsize, 0, tokenizer_id))
+        self.n = 0
+
+    def write(self, tokens: np.ndarray) -> None:
+        self.f.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        self.n += len(tokens)
+
+    def close(self) -> int:
+        """Finish the shard (header, fsync, atomic rename); returns its token count."""
+        self.f.seek(0)
+        self.f.write(_header(self.dtype.itemsize, self.n, self.tid))
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return self.n
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 def write_shard(path: str | Path, tokens: np.ndarray, tokenizer_id: str) -> None:
-    """Write atomically: a crash never leaves a half shard under the final name."""
-    path = Path(path)
-    tokens = np.ascontiguousarray(tokens)
-    head = struct.pack(_FMT, MAGIC, VERSION, tokens.itemsize, len(tokens), tokenizer_id.encode())
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(head.ljust(HEADER_BYTES, b"\0"))
-        f.write(tokens.astype(tokens.dtype.newbyteorder("<"), copy=False).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write a whole shard atomically: a crash never leaves a half shard under the final name."""
+    w = ShardWriter(path, np.asarray(tokens).dtype, tokenizer_id)
+    w.write(tokens)
+    w.close()
 
 
 def read_header(path: str | Path) -> dict:

@@ -30,6 +30,10 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [self.encode(t) for t in texts]
 
+    def encode_serial(self, texts: list[str]) -> list[list[int]]:
+        """encode_batch on this thread only (preparation runs one tokenizer per process)."""
+        return self.encode_batch(texts)
+
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
@@ -52,6 +56,7 @@ class Tokenizer:
 
     @property
     def dtype(self):
+        """Shard token type: uint16 while every id fits (vocab <= 65,536), uint32 above."""
         return np.uint16 if self.vocab_size <= 2**16 else np.uint32
 
 
@@ -91,7 +96,8 @@ class CharTokenizer(Tokenizer):
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:
-            raise SLMError(f"character {e.args[0]!r} is not in this char tokenizer's vocab") from None
+            raise SLMError(f"character {e.args[0]!r} is not in this char tokenizer's vocab") \
+                from None
 
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids if i < len(self.chars))
@@ -140,7 +146,8 @@ class BPETokenizer(Tokenizer):
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts):
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+        fast = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)  # no offsets: faster
+        return [e.ids for e in fast(texts, add_special_tokens=False)]
 
     def decode(self, ids):
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -178,6 +185,9 @@ class GPT2Tokenizer(Tokenizer):
 
     def encode_batch(self, texts):
         return self.enc.encode_ordinary_batch(texts)
+
+    def encode_serial(self, texts):
+        return [self.enc.encode_ordinary(t) for t in texts]
 
     def decode(self, ids):
         return self.enc.decode([int(i) for i in ids if i != self.eot_id])

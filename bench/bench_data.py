@@ -1,0 +1,197 @@
+"""Data pipeline speed: preparation MB/s and tokens/s with 1 and with all workers, its peak memory,
+and the loader's batches/s and tokens/s.
+
+    python bench/bench_data.py                                    # the embedded corpus (~12 MB)
+    python bench/bench_data.py --source tinyshakespeare.txt --repeat 20 --workers 1,2
+    python bench/bench_data.py --repeat 10 --tokenizer char     # 10x the corpus: flat memory
+
+The tokenizer is trained once (not timed); each preparation then runs as `slm prepare` in its own
+process while this script samples the memory of that process and its workers (PSS, so pages the
+workers share with their parent are counted once). Throughput is the text (UTF-8 MB) and tokens
+over the tokenizing time the manifest records; the worker counts alternate for --rounds rounds and
+the best run of each is shown, since other jobs on a shared machine make single runs noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from src.data import sources  # noqa: E402
+from src.data.loader import BatchLoader  # noqa: E402
+from src.data.prepare import dataset_dir, load_dataset, plan  # noqa: E402
+from src.training.config import load_config  # noqa: E402
+
+TINY_TRAIN_TOKENS_S = 10_000  # the tiny config trains at roughly 4-10k tokens/s on a laptop CPU
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            kids.setdefault(ppid, []).append(int(p.name))
+    return kids
+
+
+def _memory(pid: int) -> tuple[int, int]:
+    """(PSS of pid and its descendants, largest single RSS), in bytes."""
+    kids, todo, pss, rss = _children(), [pid], 0, 0
+    while todo:
+        p = todo.pop()
+        todo += kids.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1]) * 1024
+                elif line.startswith("Rss:"):
+                    rss = max(rss, int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+    return pss, rss
+
+
+def _own_cpu(pid: int) -> float | None:
+    """CPU seconds the process itself (not its workers) has used so far."""
+    try:
+        st = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(st[11]) + int(st[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _corpus(source: str, repeat: int, tmp: Path) -> str:
+    """The source itself, or a folder holding `repeat` copies of its documents."""
+    if repeat == 1:
+        return source
+    d = tmp / "corpus"
+    d.mkdir()
+    for k in range(repeat):
+        for i, text in enumerate(sources.iter_documents(source)):
+            (d / f"{k:03d}_{i:05d}.txt").write_text(text, encoding="utf-8")
+    return str(d)
+
+
+def bench_prepare(cfg_path, overrides, base: Path, root: Path, workers: int) -> dict:
+    """Run `slm prepare` on a copy of the planned dataset; time it and sample its memory."""
+    cfg = load_config(cfg_path, overrides)
+    src, dst = dataset_dir(cfg.data, base), dataset_dir(cfg.data, root)
+    shutil.rmtree(root, ignore_errors=True)
+    dst.mkdir(parents=True)
+    for f in ("plan.json", "tokenizer.json"):
+        shutil.copy(src / f, dst / f)
+    cmd = [sys.executable, "-m", "src", "prepare", "--config", str(cfg_path), "--data-root",
+           str(root), "--workers", str(workers), "--no-progress"]
+    cmd += [f"--{o}" for o in overrides]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    peak_pss = peak_rss = main_cpu = 0
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # usage: with the reaped workers
+        if pid:
+            break
+        main_cpu = _own_cpu(proc.pid) or main_cpu
+        pss, rss = _memory(proc.pid)
+        peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
+        time.sleep(0.05)
+    out = proc.stdout.read()
+    if os.waitstatus_to_exitcode(status):
+        sys.exit(f"prepare failed:\n{out}")
+    m = json.loads((dst / "manifest.json").read_text())
+    secs = m["seconds"]["tokenize"]
+    nbytes = m["train"]["bytes"] + m["val"]["bytes"]
+    tokens = m["train"]["tokens"] + m["val"]["tokens"]
+    return {"workers": workers, "seconds": secs, "wall": time.time() - t0,
+            "mb_s": nbytes / 1e6 / secs, "tok_s": tokens / secs, "pss": peak_pss,
+            "rss": peak_rss, "bytes": nbytes, "tokens": tokens, "dir": dst,
+            "cpu": usage.ru_utime + usage.ru_stime, "main_cpu": main_cpu,
+            "vocab": m["tokenizer"]["vocab_size"]}
+
+
+def bench_loader(ds_dir: Path, seq_len: int, batch_size: int, seconds: float = 3.0) -> dict:
+    ds = load_dataset(ds_dir)
+    loader = BatchLoader(ds.train, ds.tokenizer.id, seq_len, batch_size, seed=1337)
+    loader.next_batch()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        loader.next_batch()
+        n += 1
+    dt = time.perf_counter() - t0
+    return {"batches_s": n / dt, "tok_s": n * batch_size * seq_len / dt}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "tiny.yaml"))
+    ap.add_argument("--source", default=sources.EMBEDDED, help="data.source to tokenize")
+    ap.add_argument("--repeat", type=int, default=1, help="copies of the source's documents")
+    ap.add_argument("--workers", default=None, help="worker counts, e.g. 1,2 (default: 1,all)")
+    ap.add_argument("--shard-tokens", type=int, default=100_000_000)
+    ap.add_argument("--tokenizer", default=None, help="data.tokenizer (default: the config's)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="alternate the worker counts this many times; the best run of each counts "
+                         "(other jobs on the machine make single runs noisy)")
+    args = ap.parse_args()
+    cores = len(os.sched_getaffinity(0))
+    counts = [int(x) for x in args.workers.split(",")] if args.workers else sorted({1, cores})
+
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        tmp = Path(tmp)
+        source = _corpus(args.source, args.repeat, tmp)
+        overrides = [f"data.source={source}", f"data.shard_tokens={args.shard_tokens}"]
+        overrides += [f"data.tokenizer={args.tokenizer}"] if args.tokenizer else []
+        cfg = load_config(args.config, overrides)
+        t0 = time.time()
+        plan(cfg, tmp / "base", log=lambda *a: None)  # resolve + train the tokenizer, once
+        t_plan = time.time() - t0
+        load0 = os.getloadavg()[0]
+        best: dict[int, dict] = {}
+        for _ in range(args.rounds):
+            for n in counts:
+                r = bench_prepare(args.config, overrides, tmp / "base", tmp / f"w{n}", n)
+                if n not in best or r["seconds"] < best[n]["seconds"]:
+                    best[n] = r
+                best[n]["pss"] = max(best[n]["pss"], r["pss"])
+                best[n]["rss"] = max(best[n]["rss"], r["rss"])
+        rows = [best[n] for n in counts]
+        load1 = os.getloadavg()[0]
+        loader = bench_loader(rows[-1]["dir"], cfg.seq_len, cfg.training.batch_size)
+
+    first = rows[0]
+    print(f"corpus: {args.source} x{args.repeat}: {first['bytes'] / 1e6:.1f} MB of text, "
+          f"{first['tokens']:,} tokens ({cfg.data.tokenizer}, vocab {first['vocab']:,}); "
+          f"tokenizer trained in {t_plan:.1f} s (not timed below)")
+    print(f"machine: {cores} cores, load average {load0:.1f} before / {load1:.1f} after")
+    print(f"{'workers':>7} {'tokenize s':>10} {'wall s':>7} {'CPU s':>6} {'main':>5} {'MB/s':>6} "
+          f"{'tokens/s':>10} {'speed-up':>8} {'peak PSS':>9} {'max RSS':>8}")
+    for r in rows:
+        print(f"{r['workers']:>7} {r['seconds']:>10.1f} {r['wall']:>7.1f} {r['cpu']:>6.1f} "
+              f"{r['main_cpu']:>5.1f} "
+              f"{r['mb_s']:>6.2f} {r['tok_s']:>10,.0f} {r['mb_s'] / first['mb_s']:>7.2f}x "
+              f"{r['pss'] / 2**20:>6,.0f} MB {r['rss'] / 2**20:>5,.0f} MB")
+    print(f"(best of {args.rounds} alternating runs each; peak memory over all of them; wall and "
+          "CPU s include starting Python and loading the shards; main: CPU s of the parent "
+          "process alone, the serial share of the work)")
+    ratio = loader["tok_s"] / TINY_TRAIN_TOKENS_S
+    print(f"loader (batch {cfg.training.batch_size} x seq {cfg.seq_len}): "
+          f"{loader['batches_s']:,.0f} batches/s, {loader['tok_s']:,.0f} tokens/s "
+          f"= {ratio:,.0f}x the tiny config's ~{TINY_TRAIN_TOKENS_S:,} training tokens/s")
+    print("command: python bench/bench_data.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
