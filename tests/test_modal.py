@@ -145,29 +145,34 @@ def test_sweep_function_takes_config_and_grid():
     assert {"config", "grid", "gpu", "set", "group", "wandb"} <= set(params)
 
 
-def test_data_preparation_fans_parts_out_when_the_data_module_offers_them(monkeypatch, tmp_path,
-                                                                          corpus):
-    """With plan/prepare_part/finalize in src.data.prepare, each part gets its own CPU container
-    (here: an in-process call each), and finalize gets their results in order."""
+def test_data_preparation_fans_parts_out(monkeypatch, tmp_path, corpus):
+    """Each part of a partitioned preparation gets its own CPU container (here: an in-process
+    call each), and the result is the same dataset a local `slm prepare` builds."""
+    import json
+    import shutil
+
     from src.data import prepare as prep
 
-    parts_done = []
+    mixed = tmp_path / "mixed"  # text files and a JSON-lines file: two parts
+    shutil.copytree(corpus, mixed)
+    with open(mixed / "rows.jsonl", "w") as f:
+        for p in sorted(corpus.glob("*.txt"))[:30]:
+            f.write(json.dumps({"text": p.read_text()}) + "\n")
+    done, real = [], prep.prepare_part
 
-    def prepare_part(cfg, root, part):
-        parts_done.append(part)
-        return {"done": part["i"]}
+    def prepare_part(cfg, root, part, **kw):
+        done.append(part["index"])
+        return real(cfg, root, part, **kw)
 
-    def finalize(cfg, root, results):
-        assert results == [{"done": 0}, {"done": 1}, {"done": 2}]
-        return prep.prepare(cfg, root, log=lambda *a: None)
-
-    monkeypatch.setattr(prep, "plan", lambda cfg, root: [{"i": i} for i in range(3)], raising=False)
-    monkeypatch.setattr(prep, "prepare_part", prepare_part, raising=False)
-    monkeypatch.setattr(prep, "finalize", finalize, raising=False)
-    monkeypatch.setenv("SLM_DATA_ROOT", str(tmp_path))
-    out = modal_app.prepare_data.local(config_path="configs/tiny.yaml", set=fast_set(corpus))
-    assert parts_done == [{"i": 0}, {"i": 1}, {"i": 2}]
-    assert out["train_tokens"] > 0 and Path(out["dir"]).parent == tmp_path / "datasets"
+    monkeypatch.setattr(prep, "prepare_part", prepare_part)
+    monkeypatch.setenv("SLM_DATA_ROOT", str(tmp_path / "root"))
+    out = modal_app.prepare_data.local(config_path="configs/tiny.yaml", set=fast_set(mixed))
+    assert done == [0, 1]
+    assert out["train_tokens"] > 0 and Path(out["dir"]).parent == tmp_path / "root/datasets"
+    local = prep.prepare(load_config("configs/tiny.yaml", [f"{k}={'null' if v is None else v}"
+                                     for k, v in {**FAST, "data.source": str(mixed)}.items()]),
+                         tmp_path / "local", log=lambda *a: None)
+    assert local.manifest["train"]["tokens"] == out["train_tokens"]
 
 
 # ----------------------------------------------------------------------------- multi-GPU launch

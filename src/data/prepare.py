@@ -251,6 +251,38 @@ def _size(unit: dict) -> int | None:
     return sum(os.path.getsize(f) for f in unit["files"])
 
 
+def make_parts(d, data_root: str | Path, log=print) -> tuple[list[dict], dict, dict | None]:
+    """(parts, source info, val_source info): the units of work and how each splits train/val."""
+    groups, info = sources.resolve(d.source, data_root, d.split, log)
+    vinfo = None
+    if d.val_source:
+        vgroups, vinfo = sources.resolve(d.val_source, data_root, _val_split(d), log)
+        parts = [{"unit": u, "mode": "train"} for u in _units(groups, d.text_field)]
+        parts += [{"unit": u, "mode": "val"} for u in _units(vgroups, d.text_field)]
+    else:
+        need = max(MIN_DOCS_FOR_SPLIT, math.ceil(1 / d.val_fraction))  # >= 1 validation doc
+        few = sources.count_documents(groups, d.text_field, need)
+        mode = "tail" if few < need else "hash"
+        parts = [{"unit": u, "mode": mode} for u in _units(groups, d.text_field)]
+    for i, p in enumerate(parts):
+        p["index"], p["bytes"] = i, _size(p["unit"])
+    return parts, info, vinfo
+
+
+def split_documents(d, data_root: str | Path, split: str | None) -> Iterator[str]:
+    """The documents of one split ('train', 'val'; None for both) exactly as preparation splits
+    them, without writing anything (for evaluating on any data.source)."""
+    parts, _, _ = make_parts(d, data_root, log=lambda *a: None)
+    for part in parts:
+        doc = []
+        for which, text, ends in part_items(part, d):
+            if split is None or which == split:
+                doc.append(text)
+            if ends and doc:
+                yield "".join(doc)
+                doc = []
+
+
 def plan(cfg, data_root: str | Path, log=print) -> list[dict]:
     """Resolve the source, save the tokenizer, and return the independent parts to tokenize.
 
@@ -264,19 +296,7 @@ def plan(cfg, data_root: str | Path, log=print) -> list[dict]:
         return _read_json(out / "plan.json")["parts"]
     t0 = time.time()
     log(f"preparing {d.source} -> {out}")
-    groups, info = sources.resolve(d.source, data_root, d.split, log)
-    vinfo = None
-    if d.val_source:
-        vgroups, vinfo = sources.resolve(d.val_source, data_root, _val_split(d), log)
-        parts = [{"unit": u, "mode": "train"} for u in _units(groups, d.text_field)]
-        parts += [{"unit": u, "mode": "val"} for u in _units(vgroups, d.text_field)]
-    else:
-        need = max(MIN_DOCS_FOR_SPLIT, math.ceil(2 / d.val_fraction))  # >= 2 validation docs
-        few = sources.count_documents(groups, d.text_field, need)
-        mode = "tail" if few < need else "hash"
-        parts = [{"unit": u, "mode": mode} for u in _units(groups, d.text_field)]
-    for i, p in enumerate(parts):
-        p["index"], p["bytes"] = i, _size(p["unit"])
+    parts, info, vinfo = make_parts(d, data_root, log)
     out.mkdir(parents=True, exist_ok=True)
     tok_path = out / "tokenizer.json"
     if tok_path.is_file():  # an earlier plan stopped after saving it: keep the very same tokenizer

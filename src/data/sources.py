@@ -176,7 +176,7 @@ def _datasets():
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # our errors say it better
     return datasets
 
 
@@ -237,7 +237,15 @@ def iter_rows(unit: dict, text_field: str) -> Iterator[str]:
         except SLMError:
             raise
         except Exception as e:
-            raise SLMError(f"data.source {label}: reading failed ({_brief(e)})") from None
+            if "JSON parse error" in str(e):
+                raise SLMError(
+                    f"data.source {label}: not valid JSON lines ({_brief(e)}); fix the file (one "
+                    "JSON object per line) or remove it from data.source"
+                ) from None
+            raise SLMError(
+                f"data.source {label}: reading failed ({_brief(e)}); check the file's format "
+                "or remove it from data.source"
+            ) from None
         text = row.get(text_field)
         if text is None:
             if text_field not in row:

@@ -84,7 +84,7 @@ def cmd_eval(args, extra) -> int:
             tokens = run_val_tokens(data_cfg, tok, data_root(args), want)
             where = "the run's validation shards"
         if tokens is None:
-            tokens = source_tokens(data_cfg, tok, args.split, want)
+            tokens = source_tokens(data_cfg, tok, args.split, want, data_root(args))
             where = f"{args.split} split of {data_cfg.source}"
         m = lm_metrics(model, tokens, tok.token_bytes(), seq_len,
                        args.batch_size or cfg.training.batch_size, autocast)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from src.data.loader import TokenStream
-from src.data.prepare import _split_docs, dataset_dir
+from src.data.prepare import dataset_dir, split_documents
 from src.errors import SLMError
 
 
@@ -35,11 +35,10 @@ def run_val_tokens(data_cfg, tok, data_root, max_tokens: int | None) -> np.ndarr
     return np.asarray(stream.read(0, n), dtype=np.int64)
 
 
-def source_tokens(data_cfg, tok, split: str, max_tokens: int | None) -> np.ndarray:
+def source_tokens(data_cfg, tok, split: str, max_tokens: int | None, data_root="data") -> np.ndarray:
     """Tokens of a data source's validation split (or of all of it), encoded with tok the way
     shards are written (each document followed by end-of-text); stops reading when enough."""
-    train_docs, val_docs = _split_docs(data_cfg)
-    docs = val_docs() if split == "val" else (d for f in (train_docs, val_docs) for d in f())
+    docs = split_documents(data_cfg, data_root, "val" if split == "val" else None)
     out, n = [], 0
     while batch := list(islice(docs, 64)):
         for ids in tok.encode_batch(batch):
