@@ -34,6 +34,17 @@ FAST = {
 }
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: more threads only add contention on a busy machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
     """60 standard-library modules copied into a folder: a real, small, local text corpus."""

@@ -65,7 +65,7 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
     "overrides, needle",
     [
         ({"model.n_embd": 100, "model.n_head": 3}, "divisible by n_head"),
-        ({"training.seq_len": 512}, "training.seq_len: 512 is longer than model.block_size 256"),
+        ({"training.seq_len": 512}, "training.seq_len: 512 is longer than model.block_size 128"),
         ({"model.vocab_size": 1000}, "model.vocab_size: 1000 is smaller than the bpe tokenizer's 2048"),
         ({"data.tokenizer": "gpt2", "model.vocab_size": 50000}, "smaller than the gpt2"),
         ({"data.tokenizer": "bytes", "model.vocab_size": 100}, "smaller than the bytes"),

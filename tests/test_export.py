@@ -24,12 +24,7 @@ TEXT = "def main(x):\n    return x + 1  # é ü 😀\n\nclass A:\n    pass\n"
 MODERN = dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_tokenizer(kind):

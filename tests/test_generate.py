@@ -14,14 +14,7 @@ from src.sample import complete, print_samples
 from src.training import checkpoint as ckpt
 from src.training.config import validate_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: threads only add contention on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SHAPES = {
     "gpt2": {},
