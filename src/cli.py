@@ -131,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "moved aside), or a checkpoint path")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, size, FLOPs and memory estimate, then exit")
-    p.add_argument("--samples", type=int, default=2, help="samples printed at the end (0: none)")
+    p.add_argument("--samples", type=int, default=0,
+                   help="extra samples printed at the end (the run already ends with "
+                        "training.num_samples of them)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("prepare", help="tokenize a config's data into shards")

@@ -636,7 +636,7 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
                 if best_val is None or last_val["val/loss"] < best_val:
                     best_val = last_val["val/loss"]
                 row = {"step": step, "tokens": tokens, **last_val}
-                if t.num_samples and (master or ctx.sharded):  # FSDP: all ranks generate
+                if t.num_samples and (master or ctx.sharded) and not last:  # FSDP: all ranks
                     row["samples"] = make_samples(model, tok, cfg, dev, step)
                 metrics.log(row)
             if hellaswag and (step % t.hellaswag_every == 0 or last):
@@ -659,6 +659,9 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
 
     final = run_dir / "final.pt"
     final_state = save_state(final, elapsed(), final=True)
+    samples = None
+    if t.num_samples and (master or ctx.sharded):  # shown last, after the summary
+        samples = make_samples(model, tok, cfg, dev, step)
     model_path = Path(data_root) / "models" / f"{cfg.name}_final.pt"
     if master:
         ckpt.save(
@@ -675,6 +678,8 @@ def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_c
             f"val loss {last_val.get('val/loss', float('nan')):.4f}, "
             f"val bpb {last_val.get('val/bpb', float('nan')):.4f}")
         say(f"checkpoint: {final}\nmodel:      {model_path}")
+        if samples:
+            metrics.log({"step": step, "tokens": tokens, "samples": samples})
     metrics.close()
     dist.barrier()
     return Result(run_dir, final, model_path, step, tokens, last_val.get("val/loss"),
