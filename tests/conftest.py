@@ -31,6 +31,15 @@ FAST = {
     "training.num_samples": 1,
     "training.sample_tokens": 8,
     "training.max_seconds": None,  # step budgets only: the schedule must not depend on time
+    # GPT-2's architecture and AdamW, as the tests were written for (tiny.yaml's modern
+    # options and Muon have tests of their own)
+    "model.pos_emb": "learned",
+    "model.norm": "layernorm",
+    "model.mlp": "gelu",
+    "model.qk_norm": False,
+    "model.bias": True,
+    "training.optimizer": "adamw",
+    "training.learning_rate": 3e-3,
 }
 
 
