@@ -426,7 +426,7 @@ def training_body(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "
 
     from src.errors import SLMError
     from src.training.config import parse_gpu
-    from src.training.cost import cost_per_hour
+    from src.tools.cost import cost_per_hour
     from src.training.trainer import Interrupted, train
     from src.training.wandb_sink import check_online_ready
 
@@ -471,7 +471,7 @@ def training_body(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "
 def cluster_body(config_yaml: str, wandb: bool = True, log=print) -> dict | None:
     """One container of a multi-node run: torchrun across all containers' GPUs (rank 0 reports)."""
     from src.training.config import parse_gpu
-    from src.training.cost import cost_per_hour
+    from src.tools.cost import cost_per_hour
 
     cluster = modal.Cluster.from_context()
     rank = cluster.container_rank()
@@ -500,8 +500,8 @@ def sweep_body(config: str = DEFAULT_CONFIG, grid: str = "", gpu: str = "", set:
                group: str = "", wandb: bool = True, log=print) -> str:
     """Train every point of the grid in its own container at once; a table of their results."""
     from src.errors import SLMError
-    from src.training import sweep as sw
-    from src.training.cost import estimate
+    from src.tools import sweep as sw
+    from src.tools.cost import estimate
 
     base_raw, base = resolve(config, gpu, split_set(set))
     points = sw.expand(base.name, sw.parse_grid(grid))
@@ -605,7 +605,7 @@ def main(config: str = DEFAULT_CONFIG, gpu: str = "", set: str = "", name: str =
          wandb: bool = True):
     """Train a config on Modal: modal run modal_app.py --config configs/gpt_350m.yaml --gpu H100."""
     from src.errors import SLMError
-    from src.training.cost import estimate_text
+    from src.tools.cost import estimate_text
 
     try:
         raw, cfg = resolve(config, gpu, split_set(set), name)

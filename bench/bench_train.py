@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from src.cli import split_overrides  # noqa: E402
 from src.model.gpt import GPT  # noqa: E402
 from src.training.config import load_config  # noqa: E402
-from src.training.hardware import peak_flops, resolve_device  # noqa: E402
+from src.hardware import peak_flops, resolve_device  # noqa: E402
 from src.training.optim import build_optimizer  # noqa: E402
 from src.training.trainer import _autocast  # noqa: E402
 

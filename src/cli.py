@@ -69,7 +69,7 @@ def data_root(args) -> Path:
 def cmd_train(args, extra) -> int:
     cfg = load_cfg(args, extra)
     if args.dry_run:
-        from src.training.dryrun import describe
+        from src.tools.dryrun import describe
 
         print(describe(cfg, args.device))
         return 0
@@ -77,7 +77,7 @@ def cmd_train(args, extra) -> int:
         from src.training.wandb_sink import check_online_ready
 
         check_online_ready(cfg)
-    from src.training.hardware import resolve_device
+    from src.hardware import resolve_device
     from src.training.trainer import train
 
     if os.environ.get("WORLD_SIZE", "1") == "1":
@@ -85,7 +85,7 @@ def cmd_train(args, extra) -> int:
     res = train(cfg, data_root=data_root(args), device=args.device, resume=args.resume,
                 use_wandb=not args.no_wandb)
     if args.samples and res.final_checkpoint and int(os.environ.get("RANK", "0")) == 0:
-        from src.sample import print_samples
+        from src.tools.sample import print_samples
 
         print_samples(res.final_checkpoint, prompt=cfg.training.sample_prompt, n=args.samples,
                       max_new_tokens=200)
@@ -109,7 +109,7 @@ def cmd_prepare(args, extra) -> int:
 def cmd_sample(args, extra) -> int:
     if extra:
         raise SLMError(f"unknown option(s) for sample: {' '.join(extra)}")
-    from src.sample import print_samples
+    from src.tools.sample import print_samples
 
     print_samples(args.checkpoint, prompt=args.prompt or [""], n=args.num_samples,
                   max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -171,7 +171,7 @@ def _plugins():
     import importlib
 
     out = []
-    for mod in ("src.training.plot", "src.training.cost", "src.eval.cli", "src.export"):
+    for mod in ("src.tools.plot", "src.tools.cost", "src.tools.evaluate", "src.tools.export"):
         try:
             m = importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -11,9 +11,9 @@ from conftest import ROOT
 
 from src.errors import SLMError
 from src.model.gpt import GPT
-from src.training import cost
+from src.tools import cost
 from src.training.config import load_config
-from src.training.hardware import GPU_PEAK_TFLOPS
+from src.hardware import GPU_PEAK_TFLOPS
 from src.training.trainer import train
 
 
@@ -29,7 +29,7 @@ def test_price_table_is_modals_list():
 
 def test_every_gpu_the_config_accepts_has_a_price_and_a_peak():
     from src.training.config import GPU_TYPES
-    from src.training.hardware import gpu_peak_tflops
+    from src.hardware import gpu_peak_tflops
 
     for kind in GPU_TYPES:
         assert cost.gpu_price(kind) > 0

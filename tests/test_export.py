@@ -10,11 +10,11 @@ import torch
 from src.cli import main
 from src.data.tokenizer import EOT, BPETokenizer, ByteTokenizer, CharTokenizer
 from src.errors import SLMError
-from src.export import export_hf, tiktoken_to_tokenizers
+from src.tools.export import export_hf, tiktoken_to_tokenizers
 from src.model.gpt import GPT
 from src.model.hf import from_hf, resolve_init, shape_from_hf
-from src.sample import load_model
-from src.training import checkpoint as ckpt
+from src.tools.sample import load_model
+from src import checkpoint as ckpt
 from src.training.config import apply_overrides, read_yaml, validate_config
 from src.training.trainer import train
 from tests.conftest import FAST, ROOT

@@ -25,7 +25,7 @@ from conftest import FAST, ROOT, fast_args
 
 from src.cli import main
 from src.errors import SLMError
-from src.training import checkpoint as ckpt
+from src import checkpoint as ckpt
 from src.training.config import load_config
 from src.training.trainer import train
 

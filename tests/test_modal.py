@@ -368,7 +368,7 @@ def test_deadline_stops_this_process_or_a_child():
 
 
 def test_grid_expansion():
-    from src.training import sweep as sw
+    from src.tools import sweep as sw
 
     grid = sw.parse_grid("training.learning_rate=1e-4,3e-4,1e-3 training.weight_decay=0,0.1")
     assert grid == {"training.learning_rate": ["1e-4", "3e-4", "1e-3"],

@@ -9,7 +9,7 @@ from conftest import run_cli
 
 from src.cli import main
 from src.errors import SLMError
-from src.training.plot import find_metrics, plot_runs, read_metrics
+from src.tools.plot import find_metrics, plot_runs, read_metrics
 from src.training.trainer import train
 
 

@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, fast_args, run_cli
 
 from src.errors import SLMError
-from src.training import checkpoint as ckpt
+from src import checkpoint as ckpt
 from src.training.trainer import train
 
 

@@ -309,11 +309,11 @@ def _gpt2_config(name: str) -> dict:
 def _read_slm(path: Path, weights: bool) -> tuple[dict, dict | None, str | None]:
     """(model config, state dict, tokenizer id) of an slm checkpoint or safetensors export."""
     if path.suffix == ".safetensors":
-        from src.export import read_safetensors
+        from src.tools.export import read_safetensors
 
         cfg, sd, tok = read_safetensors(path, weights)
         return cfg["model"], sd, tok.id
-    from src.training import checkpoint as ckpt
+    from src import checkpoint as ckpt
 
     state = ckpt.load(path)
     return state["config"]["model"], state["model_state_dict"], state.get("tokenizer_id")

@@ -31,10 +31,10 @@ from src.data.loader import BatchLoader, val_batches
 from src.data.prepare import prepare
 from src.errors import SLMError
 from src.model.gpt import GPT
-from src.training import checkpoint as ckpt
+from src import checkpoint as ckpt
 from src.training import distributed as dist
 from src.training.config import Config
-from src.training.hardware import peak_flops, resolve_device
+from src.hardware import peak_flops, resolve_device
 from src.training.metrics import Console, JsonlSink, Metrics, peak_rss_gb
 from src.training.optim import build_optimizer, lr_factor, set_lr
 

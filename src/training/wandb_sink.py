@@ -330,7 +330,7 @@ class WandbSink:
 
     def _best_model(self, ckpt_path: Path, final_model: Path) -> Path | None:
         """The best checkpoint as a weights-only model file beside the final one."""
-        from src.training import checkpoint as ckpt
+        from src import checkpoint as ckpt
 
         if not ckpt_path.is_file():
             self._log(f"note: the best checkpoint ({ckpt_path.name}) was pruned; only the final "

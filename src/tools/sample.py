@@ -19,16 +19,16 @@ import torch
 from src.data.tokenizer import from_dict
 from src.errors import SLMError
 from src.model.gpt import GPT
-from src.training import checkpoint as ckpt
+from src import checkpoint as ckpt
 from src.training.config import config_from_dict
-from src.training.hardware import resolve_device
+from src.hardware import resolve_device
 
 
 def load_model(path, device="cpu"):
     """(model in eval mode, tokenizer, config) from any slm checkpoint, final model file, or
     `slm export --to safetensors` file."""
     if Path(path).suffix == ".safetensors":
-        from src.export import load_safetensors
+        from src.tools.export import load_safetensors
 
         model, tok, cfg = load_safetensors(path)
     else:

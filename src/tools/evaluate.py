@@ -61,7 +61,7 @@ def cmd_eval(args, extra) -> int:
     bad = [o.split("=")[0] for o in overrides if not o.startswith("data.")]
     if bad:
         raise SLMError(f"slm eval takes only --data.KEY overrides, not {', '.join(bad)}")
-    from src.sample import load_model
+    from src.tools.sample import load_model
 
     model, tok, cfg = load_model(args.checkpoint, args.device)
     dev = next(model.parameters()).device

@@ -8,7 +8,7 @@
     dollars = hours x price per GPU-hour x GPUs
 
 FLOPs per token come from the model (6N + attention), tokens from the config's budget, the peak
-from src/training/hardware.py, the price from PRICE_PER_GPU_HOUR below (Modal's list prices, the
+from src/hardware.py, the price from PRICE_PER_GPU_HOUR below (Modal's list prices, the
 one place they are kept). MFU (model FLOPs utilisation) is ASSUMED_MFU unless --mfu gives one or
 --metrics points at a run's metrics.jsonl with measured MFU. Container start-up and data
 preparation are not included.
@@ -120,7 +120,7 @@ def _flops_per_token(cfg) -> float:
 def estimate(cfg, gpu: str | None = None, mfu: float | None = None,
              mfu_source: str | None = None) -> Estimate:
     """Expected hours and dollars of cfg on Modal (gpu defaults to cfg.modal.gpu)."""
-    from src.training.hardware import gpu_peak_tflops
+    from src.hardware import gpu_peak_tflops
 
     gpu = gpu or cfg.modal.gpu
     kind, n = gpu_count(gpu, cfg.modal.nodes)

@@ -46,7 +46,7 @@ def register(subparsers) -> None:
 def cmd_export(args, extra) -> int:
     if extra:
         raise SLMError(f"unknown option(s) for export: {' '.join(extra)}")
-    from src.sample import load_model
+    from src.tools.sample import load_model
 
     model, tok, cfg = load_model(args.checkpoint, "cpu")
     if args.to == "hf":

@@ -43,7 +43,7 @@ def describe(cfg, device: str = "auto") -> str:
         f"grads+AdamW, {mem['activations_gb']:.2f} activations at batch {cfg.training.batch_size})",
     ]
     try:
-        from src.training.cost import estimate_text
+        from src.tools.cost import estimate_text
 
         lines.append(estimate_text(cfg))
     except ModuleNotFoundError:
