@@ -103,7 +103,7 @@ def resolve(config_path: str = DEFAULT_CONFIG, gpu: str = "", overrides=(), name
 
 def launch_options(m) -> dict:
     """Modal Function options for a run whose config has the `modal:` section `m`."""
-    from src.training.config import parse_gpu
+    from src.hardware import parse_gpu
 
     kind, n = parse_gpu(m.gpu)
     return {
@@ -225,7 +225,7 @@ class Deadline:
         if self.pid:
             os.kill(self.pid, signal.SIGTERM)
             return
-        from src.training.trainer import Interrupted
+        from src.errors import Interrupted
 
         raise Interrupted(f"{signal.Signals(signum).name} before training started", signum)
 
@@ -317,7 +317,9 @@ def fix_nested_upload(raw: dict, cfg, root: Path, log=print) -> None:
                 f"it. Upload to the volume's root next time: modal volume put {VOLUME_NAME} "
                 f"<local> {src.relative_to(root).as_posix()}")
             cfg.data.source = raw.setdefault("data", {})["source"] = str(alt)
-    run, alt = root / "checkpoints" / cfg.name, nested / "checkpoints" / cfg.name
+    from src.paths import RunLayout
+
+    run, alt = RunLayout(root, cfg.name).run_dir, RunLayout(nested, cfg.name).run_dir
     if not run.exists() and alt.is_dir():
         log(f"note: checkpoints of '{cfg.name}' were uploaded to {alt}; copying them to {run} "
             "to resume from them")
@@ -336,7 +338,9 @@ def summary(cfg, root: Path, res=None) -> dict:
     """What a finished run reports: its figures, where its model is and how to download it."""
     import torch
 
-    model = root / "models" / f"{cfg.name}_final.pt"
+    from src.paths import RunLayout
+
+    model = RunLayout(root, cfg.name).model_final
     rel = volume_path(model, root)
     out = {"name": cfg.name, "model": str(model), "volume_path": rel,
            "download": f"modal volume get {VOLUME_NAME} {rel} ."}
@@ -362,7 +366,10 @@ def report(out: dict, log=print) -> None:
         + (f", val loss {loss:.4f}" if isinstance(loss, float) else ""))
     log(f"model:      {out['model']} on the volume {VOLUME_NAME}")
     log(f"download:   {out['download']}")
-    log(f"checkpoints: modal volume get {VOLUME_NAME} checkpoints/{out['name']} .")
+    from src.paths import RunLayout
+
+    run_dir = volume_path(RunLayout(MOUNT, out["name"]).run_dir, Path(MOUNT))
+    log(f"checkpoints: modal volume get {VOLUME_NAME} {run_dir} .")
     log(f"then:       slm sample {Path(out['volume_path']).name} --prompt \"...\"")
 
 
@@ -396,7 +403,9 @@ def _run_torchrun(raw, cfg, root, gpus, wandb, rate, seconds, log, nodes=1, node
     env = {**os.environ, "SLM_COST_PER_HOUR": str(rate),
            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(0.8 * STOP_MARGIN_S))}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
-    run_dir, seen = root / "checkpoints" / cfg.name, 0.0
+    from src.paths import RunLayout
+
+    run_dir, seen = RunLayout(root, cfg.name).run_dir, 0.0
     with Deadline(seconds, pid=proc.pid) as deadline:
         while proc.poll() is None:
             try:
@@ -424,10 +433,10 @@ def training_body(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "
     """
     import torch
 
-    from src.errors import SLMError
-    from src.training.config import parse_gpu
+    from src.errors import Interrupted, SLMError
+    from src.hardware import parse_gpu
     from src.tools.cost import cost_per_hour
-    from src.training.trainer import Interrupted, train
+    from src.training.trainer import train
     from src.training.wandb_sink import check_online_ready
 
     root = data_root()
@@ -470,7 +479,7 @@ def training_body(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "
 
 def cluster_body(config_yaml: str, wandb: bool = True, log=print) -> dict | None:
     """One container of a multi-node run: torchrun across all containers' GPUs (rank 0 reports)."""
-    from src.training.config import parse_gpu
+    from src.hardware import parse_gpu
     from src.tools.cost import cost_per_hour
 
     cluster = modal.Cluster.from_context()

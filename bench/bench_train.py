@@ -18,12 +18,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from src import hardware as hw  # noqa: E402
 from src.cli import split_overrides  # noqa: E402
+from src.hardware import peak_flops, resolve_device  # noqa: E402
 from src.model.gpt import GPT  # noqa: E402
 from src.training.config import load_config  # noqa: E402
-from src.hardware import peak_flops, resolve_device  # noqa: E402
 from src.training.optim import build_optimizer  # noqa: E402
-from src.training.trainer import _autocast  # noqa: E402
 
 
 def matmul_flops(device: torch.device, n: int = 1024, reps: int = 20) -> float:
@@ -57,7 +57,9 @@ def main() -> None:
     torch.manual_seed(0)
     model = GPT(cfg.model).to(dev)
     opt = build_optimizer(model, t, dev.type)
-    autocast, scaler = _autocast(dev, t.dtype)
+    amp = hw.amp_dtype(dev, t.dtype)
+    autocast = hw.autocast(dev, amp)
+    scaler = torch.amp.GradScaler("cuda") if dev.type == "cuda" and amp == torch.float16 else None
     fwd = torch.compile(model) if t.compile and dev.type == "cuda" else model
     B, T, A = t.batch_size, cfg.seq_len, cfg.grad_accum()
     x = torch.randint(0, cfg.model.vocab_size, (B, T + 1), device=dev)

@@ -167,3 +167,93 @@ def move_aside(run_dir: Path) -> Path | None:
     dest = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.rename(dest)
     return dest
+
+
+# ----------------------------------------------------------------------------- model files
+
+FORMAT = 1  # the checkpoint dict's layout version
+SAFETENSORS_FORMAT = "slm-safetensors-v1"
+
+
+def model_file(model_state_dict: dict, config: dict, tok, step: int, tokens: int,
+               val_loss: float | None = None, val_bpb: float | None = None) -> dict:
+    """The dict of a finished model file (models/<name>_final.pt): weights, config, tokenizer."""
+    return {"format": FORMAT, "model_state_dict": model_state_dict, "config": config,
+            "tokenizer": tok.to_dict(), "tokenizer_id": tok.id, "step": step, "tokens": tokens,
+            "val_loss": val_loss, "val_bpb": val_bpb}
+
+
+def save_safetensors(model, tok, config: dict, out, dtype=torch.float32) -> Path:
+    """Our weights as safetensors (tied weights stored once) plus a .json beside them with the
+    config and tokenizer."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        out = out.with_name(out.name + ".safetensors")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tied = model.cfg.tie_embeddings
+    sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
+          if not (tied and k == "lm_head.weight")}
+    save_file(sd, str(out), metadata={"format": "pt", "slm": SAFETENSORS_FORMAT})
+    meta = {"format": SAFETENSORS_FORMAT, "config": config, "tokenizer": tok.to_dict()}
+    out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    return out
+
+
+def read_safetensors(path, weights: bool = True):
+    """(config dict, state dict or None, tokenizer) of an `slm export --to safetensors` file."""
+    import json
+
+    from src.data.tokenizer import from_dict
+
+    path = Path(path)
+    side = path.with_suffix(".json")
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError) as e:
+        raise SLMError(f"{path}: its config {side} is missing or unreadable ({e}); keep the "
+                       ".json written by `slm export --to safetensors` beside the weights"
+                       ) from None
+    if meta.get("format") != SAFETENSORS_FORMAT:
+        raise SLMError(f"{side}: not written by `slm export --to safetensors`")
+    sd = None
+    if weights:
+        from safetensors.torch import load_file
+
+        sd = {k: v.float() for k, v in load_file(path).items()}
+        if "lm_head.weight" not in sd:  # stored once when tied
+            sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return meta["config"], sd, from_dict(meta["tokenizer"])
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode, tokenizer, config dict) from any slm checkpoint, finished model file,
+    or `slm export --to safetensors` file: everything inference needs, without the trainer."""
+    from src.data.tokenizer import from_dict
+    from src.model.gpt import GPT, GPTConfig
+
+    if Path(path).suffix == ".safetensors":
+        config, sd, tok = read_safetensors(path)
+    else:
+        state = load(path)
+        missing = [k for k in ("config", "tokenizer") if k not in state]
+        if missing:
+            raise SLMError(
+                f"{path} has no {' or '.join(missing)}: it was not written by slm, so its model "
+                "cannot be rebuilt; give a checkpoint from checkpoints/<name>/ or models/"
+            )
+        config, sd = state["config"], state["model_state_dict"]
+        tok = from_dict(state["tokenizer"], str(path))
+    try:
+        mcfg = GPTConfig.model_validate(config["model"])
+    except Exception as e:
+        raise SLMError(f"{path}: its stored model config is invalid ({' '.join(str(e).split())[:300]})"
+                       ) from None
+    model = GPT(mcfg)
+    load_weights(model, sd, path)
+    from src.hardware import resolve_device
+
+    return model.to(resolve_device(str(device))).eval(), tok, config

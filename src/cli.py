@@ -1,11 +1,13 @@
-"""The `slm` command: train, prepare, sample (and the commands later modules add).
+"""The `slm` command: every subcommand's arguments, and nothing else.
 
     slm train --config configs/tiny.yaml --no-wandb --training.learning_rate 3e-3
     slm prepare --config configs/tiny.yaml
     slm sample data/models/tiny_final.pt --prompt "def " --max-new-tokens 200
+    slm eval | export | plot | cost ...        (slm COMMAND --help for each)
 
 Every command that reads a config takes dotted overrides for any key (`--section.key value`),
-`--data-root DIR` (default ./data; /data on Modal) and prints errors without a traceback.
+`--data-root DIR` (default ./data; /data on Modal) and prints errors as one `error:` line.
+The work is done by plain functions in src/tools/ and src/training/; this module only parses.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import argparse
 import errno
 import os
 import sys
-from pathlib import Path
 
-from src.errors import SLMError
+from src import paths
+from src.errors import Interrupted, SLMError
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
+DEVICES = ["auto", "cpu", "cuda", "mps"]
 
 
 def split_overrides(extra: list[str]) -> list[str]:
@@ -43,13 +46,6 @@ def split_overrides(extra: list[str]) -> list[str]:
     return out
 
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
-    p.add_argument("--data-root", default=None,
-                   help="where datasets/, checkpoints/ and models/ live (default ./data)")
-    p.add_argument("--name", default=None, help="run name (default: the config's name)")
-
-
 def load_cfg(args, extra: list[str]):
     from src.training.config import load_config
 
@@ -59,8 +55,9 @@ def load_cfg(args, extra: list[str]):
     return load_config(args.config, overrides)
 
 
-def data_root(args) -> Path:
-    return Path(args.data_root or os.environ.get("SLM_DATA_ROOT", "data"))
+def _no_extra(command: str, extra: list[str]) -> None:
+    if extra:
+        raise SLMError(f"unknown option(s) for {command}: {' '.join(extra)}")
 
 
 # ----------------------------------------------------------------------------- commands
@@ -82,8 +79,8 @@ def cmd_train(args, extra) -> int:
 
     if os.environ.get("WORLD_SIZE", "1") == "1":
         resolve_device(args.device)  # a clear error before any data work
-    res = train(cfg, data_root=data_root(args), device=args.device, resume=args.resume,
-                use_wandb=not args.no_wandb)
+    res = train(cfg, data_root=paths.data_root(args.data_root), device=args.device,
+                resume=args.resume, use_wandb=not args.no_wandb)
     if args.samples and res.final_checkpoint and int(os.environ.get("RANK", "0")) == 0:
         from src.tools.sample import print_samples
 
@@ -98,7 +95,7 @@ def cmd_prepare(args, extra) -> int:
     if args.workers is not None:
         extra = [*extra, f"--data.num_workers={args.workers}"]
     cfg = load_cfg(args, extra)
-    ds = prepare(cfg, data_root(args), progress=args.progress)
+    ds = prepare(cfg, paths.data_root(args.data_root), progress=args.progress)
     m = ds.manifest
     print(f"{ds.dir}: {m['train']['tokens']:,} train + {m['val']['tokens']:,} val tokens, "
           f"{len(ds.train)} + {len(ds.val)} shards, {m['tokenizer']['kind']} vocab "
@@ -107,8 +104,7 @@ def cmd_prepare(args, extra) -> int:
 
 
 def cmd_sample(args, extra) -> int:
-    if extra:
-        raise SLMError(f"unknown option(s) for sample: {' '.join(extra)}")
+    _no_extra("sample", extra)
     from src.tools.sample import print_samples
 
     print_samples(args.checkpoint, prompt=args.prompt or [""], n=args.num_samples,
@@ -118,14 +114,74 @@ def cmd_sample(args, extra) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="slm", description="Train your own small GPT.")
-    sub = ap.add_subparsers(dest="command", required=True)
+def cmd_eval(args, extra) -> int:
+    import json
 
+    from src.tools.evaluate import evaluate_checkpoint, format_results
+
+    hellaswag = True if args.hellaswag else False if args.no_hellaswag else None
+    res = evaluate_checkpoint(
+        args.checkpoint, args.data_root, args.split, args.eval_tokens, args.batch_size,
+        args.seq_len, loss=not args.no_loss, hellaswag=hellaswag,
+        hellaswag_file=args.hellaswag_file, hellaswag_limit=args.hellaswag_limit,
+        device=args.device, data_overrides=split_overrides(extra))
+    print(json.dumps(res) if args.json else format_results(res))
+    return 0
+
+
+def cmd_export(args, extra) -> int:
+    _no_extra("export", extra)
+    from src.tools.export import export
+
+    print(export(args.checkpoint, args.out, args.to, args.dtype))
+    return 0
+
+
+def cmd_plot(args, extra) -> int:
+    _no_extra("plot", extra)
+    from src.tools.plot import plot
+
+    out = plot(args.runs, args.output, x=args.x, smooth=args.smooth, title=args.title,
+               data_root=args.data_root)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_cost(args, extra) -> int:
+    from src.tools.cost import estimate_text, measured_mfu
+
+    if args.gpu:
+        extra = [*extra, "--modal.gpu", args.gpu]
+    cfg = load_cfg(args, extra)
+    mfu, source = args.mfu, "given" if args.mfu else None
+    if args.metrics:
+        mfu, source = measured_mfu(args.metrics), f"measured in {args.metrics}"
+    print(f"{cfg.name}: {args.config}")
+    print(estimate_text(cfg, mfu=mfu, mfu_source=source))
+    return 0
+
+
+# ----------------------------------------------------------------------------- parsers
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    p.add_argument("--data-root", default=None,
+                   help="where datasets/, checkpoints/ and models/ live (default ./data)")
+    p.add_argument("--name", default=None, help="run name (default: the config's name)")
+
+
+def _doc(module: str) -> str:
+    import importlib
+
+    return importlib.import_module(module).__doc__ or ""
+
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (resumes automatically)")
-    add_config_args(p)
+    _config_args(p)
     p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--resume", default="auto",
                    help="auto (newest checkpoint of this run), never (start over; the old run is "
                         "moved aside), or a checkpoint path")
@@ -137,13 +193,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("prepare", help="tokenize a config's data into shards")
-    add_config_args(p)
+    _config_args(p)
     p.add_argument("--workers", type=int, default=None,
                    help="tokenizer processes (default data.num_workers; 0 = one per core)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when the output is a terminal)")
     p.set_defaults(fn=cmd_prepare)
 
+
+def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="generate text from a checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("--prompt", action="append",
@@ -158,28 +216,93 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", help="end a sample before this string (repeatable)")
     p.add_argument("--ignore-eot", action="store_true",
                    help="keep generating past the end-of-text token")
-    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="cpu", choices=DEVICES)
     p.set_defaults(fn=cmd_sample)
 
-    for register in _plugins():
-        register(sub)
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="validation loss, perplexity, bits per byte and HellaSwag of a checkpoint",
+        description=_doc("src.tools.evaluate"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint",
+                   help="a step_N.pt, final.pt, models/<name>_final.pt or .safetensors export")
+    p.add_argument("--data-root", default=None, help="where datasets/ lives (default ./data)")
+    p.add_argument("--split", default="val", choices=["val", "all"],
+                   help="evaluate the validation split (default) or every document of the source")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="tokens to score (default: the run's training.eval_tokens; 0 = all)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's)")
+    p.add_argument("--no-loss", action="store_true", help="skip the loss / bits-per-byte part")
+    hs = p.add_mutually_exclusive_group()
+    hs.add_argument("--hellaswag", action="store_true",
+                    help="run HellaSwag, downloading the validation file once if needed")
+    hs.add_argument("--no-hellaswag", action="store_true", help="skip HellaSwag even if cached")
+    p.add_argument("--hellaswag-file", default=None, help="a local hellaswag_val.jsonl")
+    p.add_argument("--hellaswag-limit", type=int, default=None,
+                   help="score only the first N examples (the full set is 10,042)")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.set_defaults(fn=cmd_eval)
+
+
+def _add_export(sub) -> None:
+    from src.tools.export import DTYPES
+
+    p = sub.add_parser(
+        "export", help="write a checkpoint as a Hugging Face model folder or as safetensors",
+        description=_doc("src.tools.export"), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a step_N.pt, final.pt or models/<name>_final.pt")
+    p.add_argument("out", help="OUT_DIR for --to hf; a .safetensors file for --to safetensors")
+    p.add_argument("--to", required=True, choices=["hf", "safetensors"], help="output format")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                   help="weight precision of the export (default float32, as trained)")
+    p.set_defaults(fn=cmd_export)
+
+
+def _add_plot(sub) -> None:
+    from src.tools.plot import X_AXES
+
+    p = sub.add_parser(
+        "plot", help="plot loss, learning rate and throughput of one or more runs to a PNG",
+        description="Draw training/validation loss, bits per byte, the learning-rate schedule "
+                    "and throughput from runs' metrics.jsonl; several runs share the axes.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
+                   help="run folder (data/checkpoints/<name>), its metrics.jsonl, or a run name")
+    p.add_argument("-o", "--output", default=None,
+                   help="image to write (.png, .svg, .pdf; default: <first run>/metrics.png)")
+    p.add_argument("--x", default="tokens", choices=list(X_AXES), help="x axis (default tokens)")
+    p.add_argument("--smooth", type=float, default=0.0,
+                   help="exponential smoothing of the training loss, 0 to 0.99 (default 0)")
+    p.add_argument("--title", default=None, help="figure title (default: the run names)")
+    p.add_argument("--data-root", default=None,
+                   help="where run names are looked up (default ./data)")
+    p.set_defaults(fn=cmd_plot)
+
+
+def _add_cost(sub) -> None:
+    from src.tools.cost import ASSUMED_MFU
+
+    p = sub.add_parser("cost", help="estimate GPU-hours and dollars of a config on Modal")
+    _config_args(p)
+    p.add_argument("--gpu", default=None, help="GPU to price instead of modal.gpu, e.g. H100:8")
+    p.add_argument("--mfu", type=float, default=None,
+                   help=f"model FLOPs utilisation to assume (default {ASSUMED_MFU})")
+    p.add_argument("--metrics", default=None,
+                   help="a run's metrics.jsonl (or run folder): use the MFU it measured")
+    p.set_defaults(fn=cmd_cost)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="slm", description="Train your own small GPT.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_sample, _add_eval, _add_export, _add_plot, _add_cost):
+        add(sub)
     return ap
 
 
-def _plugins():
-    """Commands defined next to their code (plot, cost, eval, export) register themselves."""
-    import importlib
-
-    out = []
-    for mod in ("src.tools.plot", "src.tools.cost", "src.tools.evaluate", "src.tools.export"):
-        try:
-            m = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name == mod:
-                continue
-            raise
-        out.append(m.register)
-    return out
+_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+               errno.EIO}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,11 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = ap.parse_known_args(argv)
     try:
         return args.fn(args, extra) or 0
+    except Interrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 128 + e.signum
     except SLMError as e:
-        from src.training.trainer import Interrupted
-
-        print(f"error: {e}" if not isinstance(e, Interrupted) else f"stopped: {e}", file=sys.stderr)
-        return 128 + e.signum if isinstance(e, Interrupted) else 2
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -203,10 +327,6 @@ def main(argv: list[str] | None = None) -> int:
               "(or point --data-root elsewhere), then re-run: finished work is kept",
               file=sys.stderr)
         return 2
-
-
-_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
-               errno.EIO}
 
 
 def entry() -> None:

@@ -10,3 +10,11 @@ class SLMError(Exception):
 
 class ConfigError(SLMError):
     """A config file or override that does not validate; lists every problem at once."""
+
+
+class Interrupted(SLMError):
+    """SIGTERM/SIGINT arrived and a checkpoint was saved; `signum` says which (exit 128+signum)."""
+
+    def __init__(self, msg: str, signum: int):
+        super().__init__(msg)
+        self.signum = signum

@@ -10,7 +10,8 @@ import yaml
 from conftest import ROOT
 
 from src.errors import ConfigError, SLMError
-from src.training.config import load_config, parse_gpu
+from src.hardware import parse_gpu
+from src.training.config import load_config
 
 SHIPPED = ["tiny", "gpt_124m", "gpt_350m", "gpt_774m", "gpt_1b"]
 
@@ -70,7 +71,7 @@ def test_unknown_key_suggests_the_right_one(tmp_path):
         ({"data.tokenizer": "gpt2", "model.vocab_size": 50000}, "smaller than the gpt2"),
         ({"data.tokenizer": "bytes", "model.vocab_size": 100}, "smaller than the bytes"),
         ({"modal.timeout": 100000}, "modal.timeout"),
-        ({"modal.gpu": "H100:16"}, "1 to 8 GPUs"),
+        ({"modal.gpu": "H100:16"}, "1 to 8 H100 GPUs"),
         ({"name": "my run/1"}, "name"),
         ({"training.schedule": "exp"}, "training.schedule"),
     ],

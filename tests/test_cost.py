@@ -10,15 +10,17 @@ import torch
 from conftest import ROOT
 
 from src.errors import SLMError
+from src.hardware import GPUS
 from src.model.gpt import GPT
 from src.tools import cost
 from src.training.config import load_config
-from src.hardware import GPU_PEAK_TFLOPS
 from src.training.trainer import train
 
 
 def test_price_table_is_modals_list():
-    assert cost.PRICE_PER_GPU_HOUR == {
+    from src.hardware import GPUS
+
+    assert {k: g.price for k, g in GPUS.items()} == {
         "T4": 0.59, "L4": 0.80, "A10": 1.10, "L40S": 1.95, "A100-40GB": 2.10,
         "A100-80GB": 2.50, "H100": 3.95, "H200": 4.54, "B200": 6.25,
     }
@@ -28,10 +30,9 @@ def test_price_table_is_modals_list():
 
 
 def test_every_gpu_the_config_accepts_has_a_price_and_a_peak():
-    from src.training.config import GPU_TYPES
-    from src.hardware import gpu_peak_tflops
+    from src.hardware import ALIASES, GPUS, gpu_peak_tflops
 
-    for kind in GPU_TYPES:
+    for kind in (*GPUS, *ALIASES):
         assert cost.gpu_price(kind) > 0
         assert gpu_peak_tflops(kind) > 0
 
@@ -44,7 +45,7 @@ def test_estimate_arithmetic():
     tokens = 8 * 8 * 1024 * 50_000  # batch x accum x seq_len x steps
     evals = 50_000 // 1000 + 1
     flops = fpt * tokens + evals * 1_048_576 * fpt / 3
-    hours = flops / (GPU_PEAK_TFLOPS["T4"] * 1e12 * 0.5) / 3600
+    hours = flops / (GPUS["T4"].tflops * 1e12 * 0.5) / 3600
     assert (e.tokens, e.flops_per_token, e.gpus) == (tokens, fpt, 1)
     assert e.hours == pytest.approx(hours)
     assert e.cost_usd == pytest.approx(hours * 0.59)

@@ -7,15 +7,16 @@ import json
 import pytest
 import torch
 
+from src import checkpoint as ckpt
 from src.cli import main
 from src.data.tokenizer import EOT, BPETokenizer, ByteTokenizer, CharTokenizer
 from src.errors import SLMError
-from src.tools.export import export_hf, tiktoken_to_tokenizers
 from src.model.gpt import GPT
-from src.model.hf import from_hf, resolve_init, shape_from_hf
+from src.model.hf import from_hf, shape_from_hf
+from src.tools.export import export_hf, tiktoken_to_tokenizers
 from src.tools.sample import load_model
-from src import checkpoint as ckpt
 from src.training.config import apply_overrides, read_yaml, validate_config
+from src.training.init_from import resolve_init
 from src.training.trainer import train
 from tests.conftest import FAST, ROOT
 
@@ -247,7 +248,7 @@ def test_training_starts_from_the_imported_weights(tmp_path, corpus):
     res = train(cfg, data_root=tmp_path / "data", device="cpu", use_wandb=False,
                 log=lambda *a: None)
     model, _, saved = load_model(res.model_path)
-    assert saved.model.init_from == str(tmp_path / "src") and saved.model.pad_vocab_multiple == 1
+    assert saved["model"]["init_from"] == str(tmp_path / "src") and saved["model"]["pad_vocab_multiple"] == 1
     ids = torch.randint(0, 257, (1, 30))
     with torch.no_grad():
         want = hf(ids).logits

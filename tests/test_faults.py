@@ -23,9 +23,9 @@ import pytest
 import torch
 from conftest import FAST, ROOT, fast_args
 
+from src import checkpoint as ckpt
 from src.cli import main
 from src.errors import SLMError
-from src import checkpoint as ckpt
 from src.training.config import load_config
 from src.training.trainer import train
 

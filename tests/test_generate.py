@@ -7,11 +7,11 @@ import io
 import pytest
 import torch
 
+from src import checkpoint as ckpt
 from src.cli import main
 from src.data.tokenizer import ByteTokenizer
 from src.model.gpt import GPT, GPTConfig, KVCache, sample_next
 from src.tools.sample import complete, print_samples
-from src import checkpoint as ckpt
 from src.training.config import validate_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")

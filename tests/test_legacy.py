@@ -40,8 +40,11 @@ def test_old_checkpoint_resumes_bit_identical(legacy_root, name, capsys):
     assert sorted(p.name for p in (legacy_root / "datasets").iterdir()) == datasets
     new = torch.load(legacy_root / "models" / f"{name}_final.pt", weights_only=True)
     assert new["step"] == reference["step"] == 6
+    # Bit-identical on the machine that wrote the fixture; another CPU's kernels may round the
+    # last bit differently, so allow float noise. A resume that lost the optimizer state, the
+    # schedule or the data position moves the weights by ~1e-3, far outside this tolerance.
     for k, v in reference["model_state_dict"].items():
-        assert torch.equal(new["model_state_dict"][k], v), k
+        assert torch.allclose(new["model_state_dict"][k], v, rtol=0, atol=2e-6), k
 
 
 def test_old_model_file_samples(legacy_root, capsys):

@@ -180,7 +180,7 @@ def test_data_preparation_fans_parts_out(monkeypatch, tmp_path, corpus):
 
 @pytest.mark.parametrize("gpu,n", [("H100:8", 8), ("A100-80GB:2", 2), ("L4:4", 4)])
 def test_torchrun_command_for_multi_gpu_strings(gpu, n):
-    from src.training.config import parse_gpu
+    from src.hardware import parse_gpu
 
     assert parse_gpu(gpu)[1] == n
     cmd = modal_app.torchrun_command("/tmp/c.yaml", n, "/data")

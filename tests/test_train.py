@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import ROOT, fast_args, run_cli
 
-from src.errors import SLMError
 from src import checkpoint as ckpt
+from src.errors import SLMError
 from src.training.trainer import train
 
 

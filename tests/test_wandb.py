@@ -22,6 +22,7 @@ import torch
 from conftest import ROOT, fast_args, run_cli
 
 from src.errors import SLMError
+from src.paths import RunLayout
 from src.training import wandb_sink
 from src.training.metrics import Console, JsonlSink, Metrics
 from src.training.trainer import Interrupted, train
@@ -256,16 +257,17 @@ def test_best_checkpoint_is_uploaded_when_the_final_model_is_worse(fast_cfg, roo
     """A real offline sink fed rows where validation got worse after step 4."""
     cfg = _cfg(fast_cfg, "wb-best")
     res = train(cfg, data_root=root, device="cpu", use_wandb=False)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    layout = RunLayout(tmp_path, "wb-best")
+    run_dir = layout.run_dir
+    run_dir.mkdir(parents=True)
     ckpt4 = run_dir / "step_4.pt"
     ckpt4.write_bytes(res.final_checkpoint.read_bytes())
-    model_path = tmp_path / "models" / "wb-best_final.pt"
+    model_path = layout.model_final
     model_path.parent.mkdir()
     model_path.write_bytes(res.model_path.read_bytes())
 
     logs = []
-    sink = wandb_sink.open_wandb(cfg, run_dir, None, False, log=logs.append)
+    sink = wandb_sink.open_wandb(cfg, layout, None, False, log=logs.append)
     sink.log({"step": 4, "tokens": 100, "val/loss": 2.0, "val/bpb": 1.0})
     sink.on_checkpoint(ckpt4, 4)
     ckpt4.unlink()  # pruned by keep_last: the best survives as best.pt
@@ -340,7 +342,7 @@ def test_mode_resolution(monkeypatch, fast_cfg):
     with pytest.raises(SLMError, match="WANDB_MODE"):
         wandb_sink.resolve_mode(cfg)
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert wandb_sink.open_wandb(cfg, Path("unused"), None, False) is None
+    assert wandb_sink.open_wandb(cfg, RunLayout(Path("unused"), "x"), None, False) is None
 
 
 def test_unreachable_server_falls_back_to_offline(monkeypatch, tmp_path, fast_cfg):
@@ -350,7 +352,8 @@ def test_unreachable_server_falls_back_to_offline(monkeypatch, tmp_path, fast_cf
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
     cfg = fast_cfg(name="wb-unreachable", wandb__mode="online")
     logs = []
-    sink = wandb_sink.open_wandb(cfg, tmp_path, "abcd1234", False, log=logs.append)
+    sink = wandb_sink.open_wandb(cfg, RunLayout.of_run_dir(tmp_path), "abcd1234", False,
+                                 log=logs.append)
     assert sink.mode == "offline"
     assert any("cannot reach the W&B server" in x for x in logs)
     sink.log({"step": 1, "train/loss": 5.0})

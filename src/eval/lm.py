@@ -7,6 +7,7 @@ shards with the same eval_tokens reproduces the val/loss that training logged.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from itertools import islice
 
@@ -52,31 +53,54 @@ def source_tokens(data_cfg, tok, split: str, max_tokens: int | None, data_root="
     return arr if max_tokens is None else arr[: max_tokens + 1]
 
 
-@torch.no_grad()
-def lm_metrics(model, tokens: np.ndarray, token_bytes: np.ndarray, seq_len: int,
-               batch_size: int, autocast=None) -> dict:
-    """Mean loss (nats/token), perplexity and bits per byte over windows of seq_len tokens."""
-    dev = next(model.parameters()).device
-    seq_len = min(seq_len, model.cfg.block_size)
+def token_windows(tokens: np.ndarray, seq_len: int, batch_size: int):
+    """Batches (x, y) of windows of seq_len + 1 tokens at stride seq_len, from the start."""
     n_win = (len(tokens) - 1) // seq_len
     if n_win < 1:  # shorter than one window: score what there is
         windows = [tokens]
     else:
         windows = [tokens[k * seq_len : k * seq_len + seq_len + 1] for k in range(n_win)]
-    tb = torch.as_tensor(token_bytes, dtype=torch.float64, device=dev)
-    nats = nbytes = 0.0
-    ntok = 0
-    model.eval()
     for i in range(0, len(windows), batch_size):
-        buf = torch.as_tensor(np.stack(windows[i : i + batch_size]), device=dev)
-        x, y = buf[:, :-1], buf[:, 1:]
-        with autocast() if autocast else torch.autocast(dev.type, enabled=False):
+        buf = torch.as_tensor(np.stack(windows[i : i + batch_size]).astype(np.int64))
+        yield buf[:, :-1], buf[:, 1:]
+
+
+@torch.no_grad()
+def evaluate(model, batches, token_bytes, autocast=None, reduce=None, lockstep=None,
+             seq_len: int | None = None) -> dict:
+    """Loss (nats/token), perplexity and bits per byte of model over batches of (x, y).
+
+    The one evaluation routine: training's periodic eval and `slm eval` both call it.
+    reduce(t) sums a tensor over processes (several ranks each score their share).
+    lockstep(n) -> the most batches any rank has (FSDP): every rank then runs as many forwards,
+    padding with forwards of seq_len tokens whose results are dropped, since each forward
+    gathers weights from all ranks.
+    """
+    dev = next(model.parameters()).device
+    ctx = autocast or contextlib.nullcontext
+    was_training = model.training
+    model.eval()
+    nats, nbytes, ntok = (torch.zeros((), dtype=torch.float64, device=dev) for _ in range(3))
+    tb = torch.as_tensor(token_bytes, device=dev)
+    if lockstep is not None:
+        batches = list(batches)
+        for _ in range(lockstep(len(batches)) - len(batches)):
+            with ctx():
+                model(torch.zeros(1, seq_len, dtype=torch.long, device=dev))
+    for x, y in batches:
+        x, y = x.to(dev), y.to(dev)
+        with ctx():
             logits, _ = model(x)
         lp = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
                              reduction="none")
-        nats += lp.double().sum().item()
-        nbytes += tb[y].sum().item()
+        nats += lp.double().sum()
         ntok += y.numel()
-    loss = nats / ntok
-    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50)),
-            "val/bpb": nats / max(nbytes, 1.0) / math.log(2), "val/tokens": ntok}
+        nbytes += tb[y].double().sum()
+    if reduce is not None:
+        for t in (nats, nbytes, ntok):
+            reduce(t)
+    model.train(was_training)
+    loss = (nats / ntok).item()
+    bpb = (nats / max(nbytes.item(), 1.0) / math.log(2)).item()
+    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50)), "val/bpb": bpb,
+            "val/tokens": int(ntok.item())}

@@ -84,6 +84,13 @@ class GPTConfig(BaseModel):
         return h
 
 
+# The keys that fix the model's shape and computation: a checkpoint only continues, and
+# model.init_from only loads, into a model whose keys all agree.
+SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple",
+              "pos_emb", "rope_theta", "norm", "qk_norm", "mlp", "mlp_ratio", "tie_embeddings",
+              "bias")
+
+
 def _norm(cfg: GPTConfig, dim: int) -> nn.Module:
     if cfg.norm == "rmsnorm":
         return nn.RMSNorm(dim, eps=1e-6)

@@ -8,50 +8,33 @@
     dollars = hours x price per GPU-hour x GPUs
 
 FLOPs per token come from the model (6N + attention), tokens from the config's budget, the peak
-from src/hardware.py, the price from PRICE_PER_GPU_HOUR below (Modal's list prices, the
-one place they are kept). MFU (model FLOPs utilisation) is ASSUMED_MFU unless --mfu gives one or
+and the price from the GPU table in src/hardware.py (Modal's list prices). MFU (model FLOPs utilisation) is ASSUMED_MFU unless --mfu gives one or
 --metrics points at a run's metrics.jsonl with measured MFU. Container start-up and data
 preparation are not included.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
 from src.errors import SLMError
+from src.hardware import gpu_spec, parse_gpu
+from src.paths import RunLayout
+from src.training.metrics import read_metrics
 
-# USD per GPU-hour, Modal's list prices. Multi-GPU containers pay per GPU.
-PRICE_PER_GPU_HOUR = {
-    "T4": 0.59,
-    "L4": 0.80,
-    "A10": 1.10,
-    "L40S": 1.95,
-    "A100-40GB": 2.10,
-    "A100-80GB": 2.50,
-    "H100": 3.95,
-    "H200": 4.54,
-    "B200": 6.25,
-}
-_ALIASES = {"A10G": "A10", "A100": "A100-40GB"}  # other names Modal accepts for the same cards
 ASSUMED_MFU = 0.35  # a well-tuned GPT on one modern GPU reaches 35-50%; small models and T4s less
 
 
 def gpu_price(kind: str) -> float:
     """USD per GPU-hour of one GPU of this kind ('H100', 'A100-80GB', ...)."""
-    key = _ALIASES.get(kind.upper(), kind.upper())
-    if key not in PRICE_PER_GPU_HOUR:
-        raise SLMError(f"no price for GPU '{kind}'; known: {', '.join(PRICE_PER_GPU_HOUR)}")
-    return PRICE_PER_GPU_HOUR[key]
+    return gpu_spec(kind).price
 
 
 def gpu_count(gpu: str, nodes: int = 1) -> tuple[str, int]:
     """'H100:8' with 2 nodes -> ('H100', 16): the GPU kind and how many are billed."""
-    from src.training.config import parse_gpu
-
     try:
         kind, n = parse_gpu(gpu)
     except ValueError as e:
@@ -89,17 +72,11 @@ def measured_mfu(metrics_path: str | Path) -> float:
     """Median MFU of the second half of a run's logged steps (past compile and warm-up)."""
     p = Path(metrics_path)
     if p.is_dir():
-        p = p / "metrics.jsonl"
+        p = RunLayout.of_run_dir(p).metrics
     if not p.is_file():
         raise SLMError(f"--metrics {metrics_path}: no such metrics.jsonl")
-    vals = []
-    for line in p.read_text().splitlines():
-        try:
-            v = json.loads(line).get("mfu")
-        except ValueError:
-            continue
-        if isinstance(v, (int, float)) and v > 0:
-            vals.append(float(v))
+    vals = [float(v) for r in read_metrics(p)
+            if isinstance(v := r.get("mfu"), (int, float)) and v > 0]
     if not vals:
         raise SLMError(f"{p} has no MFU figures (runs on a CPU do not measure it); use --mfu")
     return statistics.median(vals[len(vals) // 2:])
@@ -120,8 +97,6 @@ def _flops_per_token(cfg) -> float:
 def estimate(cfg, gpu: str | None = None, mfu: float | None = None,
              mfu_source: str | None = None) -> Estimate:
     """Expected hours and dollars of cfg on Modal (gpu defaults to cfg.modal.gpu)."""
-    from src.hardware import gpu_peak_tflops
-
     gpu = gpu or cfg.modal.gpu
     kind, n = gpu_count(gpu, cfg.modal.nodes)
     t = cfg.training
@@ -133,7 +108,7 @@ def estimate(cfg, gpu: str | None = None, mfu: float | None = None,
     steps = tokens // per_step
     evals = steps // t.eval_every + 1
     flops = fpt * tokens + evals * t.eval_tokens * fpt / 3  # evaluation: forward passes only
-    peak = gpu_peak_tflops(kind)
+    peak = gpu_spec(kind).tflops
     if mfu is None:
         mfu, mfu_source = ASSUMED_MFU, "assumed"
     if not 0 < mfu <= 1:
@@ -185,30 +160,3 @@ def estimate_text(cfg, gpu: str | None = None, mfu: float | None = None,
         lines.append(f"  budget:          stops at modal.max_cost_usd ${m.max_cost_usd:,.2f}, "
                      f"about {share:.0f}% of the way")
     return "\n".join(lines)
-
-
-def cmd_cost(args, extra) -> int:
-    from src.cli import load_cfg
-
-    if args.gpu:
-        extra = [*extra, "--modal.gpu", args.gpu]
-    cfg = load_cfg(args, extra)
-    mfu, source = args.mfu, "given" if args.mfu else None
-    if args.metrics:
-        mfu, source = measured_mfu(args.metrics), f"measured in {args.metrics}"
-    print(f"{cfg.name}: {args.config}")
-    print(estimate_text(cfg, mfu=mfu, mfu_source=source))
-    return 0
-
-
-def register(sub) -> None:
-    from src.cli import add_config_args
-
-    p = sub.add_parser("cost", help="estimate GPU-hours and dollars of a config on Modal")
-    add_config_args(p)
-    p.add_argument("--gpu", default=None, help="GPU to price instead of modal.gpu, e.g. H100:8")
-    p.add_argument("--mfu", type=float, default=None,
-                   help=f"model FLOPs utilisation to assume (default {ASSUMED_MFU})")
-    p.add_argument("--metrics", default=None,
-                   help="a run's metrics.jsonl (or run folder): use the MFU it measured")
-    p.set_defaults(fn=cmd_cost)

@@ -18,46 +18,33 @@ JSON file beside them (same name, .json) with the run's config and tokenizer; `s
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import torch
 
-from src.data.tokenizer import EOT, from_dict
+from src.checkpoint import load_model, save_safetensors
+from src.data.tokenizer import EOT
 from src.errors import SLMError
+from src.model.hf import hf_config, to_hf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SAFETENSORS_FORMAT = "slm-safetensors-v1"
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export", help="write a checkpoint as a Hugging Face model folder or as safetensors",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a step_N.pt, final.pt or models/<name>_final.pt")
-    p.add_argument("out", help="OUT_DIR for --to hf; a .safetensors file for --to safetensors")
-    p.add_argument("--to", required=True, choices=["hf", "safetensors"], help="output format")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES),
-                   help="weight precision of the export (default float32, as trained)")
-    p.set_defaults(fn=cmd_export)
-
-
-def cmd_export(args, extra) -> int:
-    if extra:
-        raise SLMError(f"unknown option(s) for export: {' '.join(extra)}")
-    from src.tools.sample import load_model
-
-    model, tok, cfg = load_model(args.checkpoint, "cpu")
-    if args.to == "hf":
-        out = export_hf(model, tok, args.out, DTYPES[args.dtype])
-        print(f"wrote {out} ({model.num_params() / 1e6:.2f}M params); load it with\n"
-              f"  AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
-              f"  AutoTokenizer.from_pretrained({str(out)!r})")
-    else:
-        out = export_safetensors(model, tok, cfg, args.out, DTYPES[args.dtype])
-        print(f"wrote {out} and {out.with_suffix('.json')}")
-    return 0
+def export(checkpoint, out, to: str, dtype: str = "float32") -> str:
+    """`slm export`: write a checkpoint in another format; returns what to tell the user."""
+    if dtype not in DTYPES:
+        raise SLMError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    model, tok, config = load_model(checkpoint, "cpu")
+    if to == "hf":
+        out = export_hf(model, tok, out, DTYPES[dtype])
+        return (f"wrote {out} ({model.num_params() / 1e6:.2f}M params); load it with\n"
+                f"  AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
+                f"  AutoTokenizer.from_pretrained({str(out)!r})")
+    if to == "safetensors":
+        out = save_safetensors(model, tok, config, out, DTYPES[dtype])
+        return f"wrote {out} and {out.with_suffix('.json')}"
+    raise SLMError(f"--to {to}: use hf or safetensors")
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -75,8 +62,6 @@ def _transformers():
 
 def export_hf(model, tok, out_dir, dtype=torch.float32) -> Path:
     """Write a transformers model folder that computes the same logits as model."""
-    from src.model.hf import hf_config, to_hf
-
     cfg = model.cfg
     conf_kw = hf_config(cfg, tok.eot_id)  # refuses unmatched options before anything is written
     hf_tok = hf_tokenizer(tok, cfg.block_size)
@@ -179,58 +164,3 @@ def hf_tokenizer(tok, block_size: int):
     return tf.PreTrainedTokenizerFast(
         tokenizer_object=obj, bos_token=EOT, eos_token=EOT, pad_token=EOT, unk_token=None,
         model_max_length=block_size, clean_up_tokenization_spaces=False)
-
-
-# ----------------------------------------------------------------------------- safetensors
-
-
-def export_safetensors(model, tok, cfg, out, dtype=torch.float32) -> Path:
-    """Our weights as safetensors (tied weights stored once) plus a .json with config and
-    tokenizer."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        out = out.with_name(out.name + ".safetensors")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tied = model.cfg.tie_embeddings
-    sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
-          if not (tied and k == "lm_head.weight")}
-    save_file(sd, str(out), metadata={"format": "pt", "slm": SAFETENSORS_FORMAT})
-    meta = {"format": SAFETENSORS_FORMAT, "config": cfg.to_dict(), "tokenizer": tok.to_dict()}
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-    return out
-
-
-def read_safetensors(path, weights: bool = True):
-    """(config dict, state dict or None, tokenizer) of an `--to safetensors` export."""
-    path = Path(path)
-    side = path.with_suffix(".json")
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, ValueError) as e:
-        raise SLMError(f"{path}: its config {side} is missing or unreadable ({e}); keep the "
-                       ".json written by `slm export --to safetensors` beside the weights"
-                       ) from None
-    if meta.get("format") != SAFETENSORS_FORMAT:
-        raise SLMError(f"{side}: not written by `slm export --to safetensors`")
-    sd = None
-    if weights:
-        from safetensors.torch import load_file
-
-        sd = {k: v.float() for k, v in load_file(path).items()}
-        if "lm_head.weight" not in sd:  # stored once when tied
-            sd["lm_head.weight"] = sd["transformer.wte.weight"]
-    return meta["config"], sd, from_dict(meta["tokenizer"])
-
-
-def load_safetensors(path):
-    """(model, tokenizer, config) from an `--to safetensors` export."""
-    from src.model.gpt import GPT
-    from src.training.config import config_from_dict
-
-    raw, sd, tok = read_safetensors(path)
-    cfg = config_from_dict(raw)
-    model = GPT(cfg.model)
-    model.load_state_dict(sd)
-    return model, tok, cfg

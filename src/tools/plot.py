@@ -9,25 +9,13 @@ and throughput (tokens/s). Several runs share the axes, one colour per run.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from src import paths
 from src.errors import SLMError
+from src.training.metrics import read_metrics
 
 X_AXES = {"tokens": "tokens seen", "step": "step", "time": "training time (s)"}
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """Rows of a metrics.jsonl (lines cut short by a kill are skipped)."""
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
 
 
 def find_metrics(arg: str | Path, data_root: str | Path = "data") -> Path:
@@ -122,34 +110,13 @@ def plot_runs(metric_files: list[Path], out: str | Path, x: str = "tokens", smoo
     return fig
 
 
-def cmd_plot(args, extra) -> int:
-    from src.cli import data_root
-
-    if extra:
-        raise SLMError(f"unknown option(s) for plot: {' '.join(extra)}")
-    if not 0 <= args.smooth < 1:
-        raise SLMError(f"--smooth {args.smooth}: use a value from 0 (none) to 0.99")
-    root = data_root(args)
-    files = [find_metrics(r, root) for r in args.runs]
-    out = Path(args.output) if args.output else files[0].parent / "metrics.png"
-    plot_runs(files, out, x=args.x, smooth=args.smooth, title=args.title)
-    print(f"wrote {out}")
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "plot", help="plot loss, learning rate and throughput of one or more runs to a PNG",
-        description="Draw training/validation loss, bits per byte, the learning-rate schedule "
-                    "and throughput from runs' metrics.jsonl; several runs share the axes.")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR",
-                   help="run folder (data/checkpoints/<name>), its metrics.jsonl, or a run name")
-    p.add_argument("-o", "--output", default=None,
-                   help="image to write (.png, .svg, .pdf; default: <first run>/metrics.png)")
-    p.add_argument("--x", default="tokens", choices=list(X_AXES), help="x axis (default tokens)")
-    p.add_argument("--smooth", type=float, default=0.0,
-                   help="exponential smoothing of the training loss, 0 to 0.99 (default 0)")
-    p.add_argument("--title", default=None, help="figure title (default: the run names)")
-    p.add_argument("--data-root", default=None,
-                   help="where run names are looked up (default ./data)")
-    p.set_defaults(fn=cmd_plot)
+def plot(runs: list[str], output: str | Path | None = None, x: str = "tokens",
+         smooth: float = 0.0, title: str | None = None, data_root=None) -> Path:
+    """`slm plot`: draw runs (folders, metrics.jsonl files or run names) into one image."""
+    if not 0 <= smooth < 1:
+        raise SLMError(f"--smooth {smooth}: use a value from 0 (none) to 0.99")
+    root = paths.data_root(data_root)
+    files = [find_metrics(r, root) for r in runs]
+    out = Path(output) if output else files[0].parent / "metrics.png"
+    plot_runs(files, out, x=x, smooth=smooth, title=title)
+    return out

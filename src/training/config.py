@@ -19,12 +19,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from src.errors import ConfigError, SLMError
+from src.hardware import parse_gpu
 from src.model.gpt import GPTConfig
 
 # Vocab sizes of the fixed tokenizers (including the end-of-text token).
 FIXED_VOCAB = {"gpt2": 50257, "bytes": 257}
-GPU_TYPES = ("T4", "L4", "A10", "A10G", "L40S", "A100", "A100-40GB", "A100-80GB", "H100", "H200", "B200")
-_GPU_RE = re.compile(r"^(?P<type>[A-Za-z0-9-]+?)(?::(?P<count>\d+))?$")
 
 
 class _Section(BaseModel):
@@ -154,20 +153,6 @@ class Config(_Section):
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
-
-
-def parse_gpu(gpu: str) -> tuple[str, int]:
-    """'H100:8' -> ('H100', 8). Refuses GPU kinds Modal does not offer."""
-    m = _GPU_RE.match(gpu.strip())
-    kind = m and m["type"].upper()
-    if not m or kind not in GPU_TYPES:
-        near = difflib.get_close_matches(gpu.split(":")[0].upper(), GPU_TYPES, n=1)
-        hint = f" (did you mean {near[0]}?)" if near else ""
-        raise ValueError(f"unknown GPU '{gpu}'{hint}; use one of {', '.join(GPU_TYPES)}, with :N for N GPUs")
-    n = int(m["count"] or 1)
-    if not 1 <= n <= 8:
-        raise ValueError(f"GPU count {n} in '{gpu}': Modal gives 1 to 8 GPUs per container")
-    return kind, n
 
 
 # ----------------------------------------------------------------------------- loading

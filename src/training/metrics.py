@@ -20,6 +20,19 @@ import time
 from pathlib import Path
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """Rows of a metrics.jsonl, in order (lines cut short by a kill are skipped)."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
 class JsonlSink:
     """One JSON object per line in <run>/metrics.jsonl; rows past a resumed step are dropped."""
 
@@ -28,14 +41,7 @@ class JsonlSink:
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
         if resume_step is not None and path.exists():
-            keep = []
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue  # a line cut short by a kill
-                if row.get("step", 0) <= resume_step:
-                    keep.append(line)
+            keep = [json.dumps(r) for r in read_metrics(path) if r["step"] <= resume_step]
             tmp = path.with_name(path.name + ".tmp")  # a kill here must not lose the history
             tmp.write_text("".join(x + "\n" for x in keep))
             tmp.replace(path)

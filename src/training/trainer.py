@@ -4,22 +4,18 @@
     torchrun --standalone --nproc_per_node=2 train_local.py ...      # several processes
     modal run modal_app.py --config configs/gpt_124m.yaml            # on Modal's GPUs
 
-Layout under data_root (the same locally and on the Modal volume):
-    datasets/<source>-<tokenizer>-<key>/   token shards, tokenizer.json, manifest.json
-    checkpoints/<name>/                    step_N.pt, final.pt, metrics.jsonl, config.yaml
-    models/<name>_final.pt                 the trained weights, config and tokenizer
+The files it reads and writes under data_root are named by src/paths.py's RunLayout (the same
+tree locally and on the Modal volume). Resume is automatic: a re-run continues from the newest
+complete checkpoint of the run, exactly (weights, optimizer, schedule, data position, RNG,
+elapsed time, W&B run id).
 
-Resume is automatic: a re-run continues from the newest complete checkpoint of the run, exactly
-(weights, optimizer, schedule, data position, RNG, elapsed time, W&B run id).
+`train` reads as build -> loop -> finish; `Trainer.step` is one optimizer step.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import math
-import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,30 +23,25 @@ from pathlib import Path
 import torch
 import yaml
 
+from src import checkpoint as ckpt
+from src import hardware as hw
 from src.data.loader import BatchLoader, val_batches
 from src.data.prepare import prepare
-from src.errors import SLMError
-from src.model.gpt import GPT
-from src import checkpoint as ckpt
+from src.errors import Interrupted, SLMError
+from src.eval.lm import evaluate
+from src.model.gpt import GPT, SHAPE_KEYS
+from src.paths import RunLayout
 from src.training import distributed as dist
-from src.training.config import Config
-from src.hardware import peak_flops, resolve_device
+from src.training.budget import Budget
+from src.training.config import Config, config_from_dict
+from src.training.lock import RunLock
 from src.training.metrics import Console, JsonlSink, Metrics, peak_rss_gb
 from src.training.optim import build_optimizer, lr_factor, set_lr
+from src.training.state import TrainState, checkpoint_dict, rng_state, set_rng_state
 
-CKPT_FORMAT = 1
 MAX_SKIPS_IN_A_ROW = 10  # skip_nonfinite: this many skipped updates in a row stop the run
-# Model keys that must match to continue from a checkpoint.
-SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pos_emb", "norm",
-              "qk_norm", "mlp", "mlp_ratio", "tie_embeddings", "bias", "pad_vocab_multiple")
 
-
-class Interrupted(SLMError):
-    """SIGTERM/SIGINT arrived; a checkpoint was saved. `signum` says which."""
-
-    def __init__(self, msg: str, signum: int):
-        super().__init__(msg)
-        self.signum = signum
+__all__ = ["Interrupted", "Result", "train"]
 
 
 @dataclass
@@ -62,226 +53,6 @@ class Result:
     tokens: int
     val_loss: float | None
     val_bpb: float | None
-
-
-def run_dir_for(cfg: Config, data_root) -> Path:
-    return Path(data_root) / "checkpoints" / cfg.name
-
-
-class _Signals:
-    """First SIGTERM/SIGINT: finish the step, checkpoint, stop. A second SIGINT: stop now."""
-
-    def __init__(self):
-        self.got: int | None = None
-        self.old = {}
-
-    def __enter__(self):
-        if threading_main():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self.old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.got is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.got = signum
-
-    def __exit__(self, *exc):
-        for s, h in self.old.items():
-            signal.signal(s, h)
-
-
-def threading_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
-class RunLock:
-    """One process trains a run folder at a time (flock: released even on SIGKILL)."""
-
-    def __init__(self, run_dir: Path):
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = run_dir / ".lock"
-        self.f = open(self.path, "a+")
-        try:
-            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if not isinstance(e, BlockingIOError):  # a file system without locks: go on unlocked
-                return
-            self.f.seek(0)
-            who = self.f.read().strip() or "another process"
-            self.f.close()
-            raise SLMError(
-                f"run '{run_dir.name}' is already being trained ({who}) in {run_dir}; wait for it, "
-                "stop it, or give this run another name (--name NAME)"
-            ) from None
-        self.f.seek(0)
-        self.f.truncate()
-        self.f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        self.f.flush()
-
-    def release(self):
-        with contextlib.suppress(OSError):
-            fcntl.flock(self.f, fcntl.LOCK_UN)
-            self.f.close()
-
-
-def _check_compatible(cfg: Config, state: dict, tok_id: str, path: Path) -> None:
-    old = state.get("config", {}).get("model", {})
-    new = cfg.model.model_dump()
-    diff = [f"model.{k}={old.get(k)!r} there, {new.get(k)!r} here" for k in SHAPE_KEYS
-            if k in old and old.get(k) != new.get(k)]
-    if diff:
-        raise SLMError(
-            f"checkpoint {path} is from a different model shape ({'; '.join(diff)}); use the "
-            "config it was trained with, or start over with --resume never"
-        )
-    if state.get("tokenizer_id") not in (None, tok_id):
-        raise SLMError(
-            f"checkpoint {path} was trained with another tokenizer than this config's data "
-            "(data.source/data.tokenizer/data.vocab_size differ); use the same data config, or "
-            "--resume never"
-        )
-
-
-def _rng_state(device: torch.device) -> dict:
-    s = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        s["cuda"] = torch.cuda.get_rng_state(device)
-    return s
-
-
-def _set_rng_state(s: dict, device: torch.device) -> None:
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and device.type == "cuda":
-        torch.cuda.set_rng_state(s["cuda"], device)
-
-
-def _autocast(device: torch.device, dtype_name: str):
-    """(autocast context factory, GradScaler or None) for this device and training.dtype."""
-    if device.type == "cuda":
-        if dtype_name == "auto":
-            dtype_name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        if dtype_name == "float32":
-            return contextlib.nullcontext, None
-        dt = getattr(torch, dtype_name)
-        scaler = torch.amp.GradScaler("cuda") if dt == torch.float16 else None
-        return (lambda: torch.autocast("cuda", dtype=dt)), scaler
-    if dtype_name in ("bfloat16", "float16") and device.type in ("cpu", "mps"):
-        dt = getattr(torch, dtype_name)
-        return (lambda: torch.autocast(device.type, dtype=dt)), None
-    return contextlib.nullcontext, None
-
-
-def _bf16_params(device: torch.device, dtype_name: str) -> torch.dtype | None:
-    """FSDP's compute dtype for parameters: bf16 where training autocasts to bf16, else fp32."""
-    if dtype_name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else None
-    return torch.bfloat16 if dtype_name == "bfloat16" else None
-
-
-def _check_global_batch(cfg: Config, state: dict, world: int, path: Path) -> None:
-    """A resumed run keeps its global batch, whatever the number of processes."""
-    old_world = int(state.get("world_size", 1))
-    old = state.get("tokens_per_step")
-    if old is None:
-        from src.training.config import config_from_dict
-
-        old = config_from_dict(state["config"]).tokens_per_step(old_world)
-    new = cfg.tokens_per_step(world)
-    if old == new:
-        return
-    t = cfg.training
-    raise SLMError(
-        f"checkpoint {path} was trained with {old:,} tokens per optimizer step ({old_world} "
-        f"process(es)), but this launch gives {new:,} (batch_size {t.batch_size} x seq_len "
-        f"{cfg.seq_len} x {cfg.grad_accum(world)} accumulation x {world} process(es)). Keep the "
-        f"global batch: set training.batch_tokens: {old} (a multiple of batch_size x seq_len x "
-        "processes), or adjust batch_size / gradient_accumulation_steps; or start over with "
-        "--resume never"
-    )
-
-
-def _sync_step(loss_sum: torch.Tensor, got: int | None, elapsed: float, ctx) -> tuple:
-    """One all-reduce per step: (global loss sum, signal any rank got, rank 0's elapsed time)."""
-    v = torch.tensor([0.0, elapsed if ctx.master else 0.0, got == signal.SIGTERM,
-                      got == signal.SIGINT], dtype=torch.float64, device=loss_sum.device)
-    v[0] = loss_sum.double()
-    dist.all_reduce_sum(v)
-    _, el, term, intr = v.tolist()
-    sig = signal.SIGTERM if term else signal.SIGINT if intr else None
-    return v[0].to(loss_sum.dtype), sig, el
-
-
-@torch.no_grad()
-def evaluate(model, ds, cfg: Config, device, autocast, token_bytes, rank=0, world=1,
-             lockstep=False) -> dict:
-    """Validation loss (nats/token), perplexity and bits per byte over fixed windows.
-
-    lockstep (FSDP): every rank runs as many forwards as the busiest one, padding with
-    forwards whose results are dropped, since each forward gathers weights from all ranks.
-    """
-    model.eval()
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    nbytes = torch.zeros((), dtype=torch.float64, device=device)
-    ntok = torch.zeros((), dtype=torch.float64, device=device)
-    tb = token_bytes.to(device)
-    batches = val_batches(ds.val, ds.tokenizer.id, cfg.seq_len, cfg.training.batch_size,
-                          cfg.training.eval_tokens, rank, world)
-    pad = 0
-    if lockstep:
-        batches = list(batches)
-        most = torch.tensor(len(batches), device=device)
-        dist.all_reduce_max(most)
-        pad = int(most) - len(batches)
-    for _ in range(pad):
-        with autocast():
-            model(torch.zeros(1, cfg.seq_len, dtype=torch.long, device=device))
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            logits, _ = model(x)
-        lp = torch.nn.functional.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none"
-        )
-        nats += lp.double().sum()
-        ntok += y.numel()
-        nbytes += tb[y].double().sum()
-    if world > 1:
-        for t in (nats, nbytes, ntok):
-            dist.all_reduce_sum(t)
-    model.train()
-    loss = (nats / ntok).item()
-    bpb = (nats / max(nbytes.item(), 1.0) / math.log(2)).item()
-    return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50)), "val/bpb": bpb}
-
-
-@torch.no_grad()
-def make_samples(model, tok, cfg: Config, device, step: int) -> list[dict]:
-    t = cfg.training
-    g = torch.Generator(device=device).manual_seed(t.seed + step)  # never the training RNG
-    out = []
-    prompt_ids = tok.encode(t.sample_prompt) if t.sample_prompt else []
-    prompt_ids = [tok.eot_id] + prompt_ids  # start as if at a document boundary
-    model.eval()
-    for _ in range(t.num_samples):
-        idx = torch.tensor([prompt_ids], device=device)
-        new = [int(n) for n in model.generate(idx, t.sample_tokens, temperature=0.8, top_k=200,
-                                              generator=g)]
-        out.append({"prompt": t.sample_prompt, "text": tok.decode(new)})
-    model.train()
-    return out
-
-
-def _nonfinite_error(step: int, run_dir: Path, at_or_before: bool = False) -> SLMError:
-    when = f"at or before step {step}" if at_or_before else f"at step {step}"
-    return SLMError(
-        f"loss or gradients became NaN/Inf {when}; stopped without saving, so the last good "
-        f"checkpoint in {run_dir} is kept. Lower training.learning_rate, check the data, or set "
-        "training.skip_nonfinite: true to skip such steps"
-    )
 
 
 def train(
@@ -303,7 +74,8 @@ def train(
     price x GPUs): logs cost_usd, and modal.max_cost_usd then ends the run like a finished one.
     """
     try:
-        return _launch(cfg, data_root, device, resume, use_wandb, on_checkpoint, log, cost_per_hour)
+        return _launch(cfg, RunLayout(data_root, cfg.name), device, resume, use_wandb,
+                       on_checkpoint, log, cost_per_hour)
     except Interrupted:
         raise
     except Exception as e:  # under torchrun: name this rank's error in torchrun's summary
@@ -313,374 +85,555 @@ def train(
         raise err from None
 
 
-def _launch(cfg, data_root, device, resume, use_wandb, on_checkpoint, log, cost_per_hour) -> Result:
-    t = cfg.training
+def _launch(cfg, layout, device, resume, use_wandb, on_checkpoint, log, cost_per_hour) -> Result:
     dist.check_launch(cfg, dist.world_size(), device)
-    ctx = dist.setup(device, t.parallelism)
-    world, master = ctx.world_size, ctx.master
-    dev = ctx.device if ctx.device is not None else resolve_device(device)
-    say = log if master else (lambda *a, **k: None)
-    if t.threads and dev.type == "cpu":
-        torch.set_num_threads(t.threads)
-
-    run_dir = run_dir_for(cfg, data_root)
+    ctx = dist.setup(device, cfg.training.parallelism)
+    dev = ctx.device if ctx.device is not None else hw.resolve_device(device)
+    say = log if ctx.master else (lambda *a, **k: None)
+    if cfg.training.threads and dev.type == "cpu":
+        torch.set_num_threads(cfg.training.threads)
     lock = None
     try:
         state, state_path = None, None
-        if master:
-            lock = RunLock(run_dir)
-            if resume == "never":
-                moved = ckpt.move_aside(run_dir)  # only while we hold the run's lock
-                if moved:
-                    lock, old = RunLock(run_dir), lock
-                    old.release()
-                    say(f"--resume never: moved the old run to {moved}")
-            for p in ckpt.remove_partial(run_dir) + ckpt.remove_partial(
-                Path(data_root) / "models", f"{cfg.name}_final.pt"
-            ):
-                say(f"removed {p}, left by a save that was cut short")
-            if resume not in ("auto", "never"):
-                state_path = Path(resume)
-                state = ckpt.check_resumable(ckpt.load(state_path), state_path)
-            elif resume == "auto":
-                found = ckpt.find_resumable(run_dir, say)
-                if found:
-                    state_path, state = found
+        if ctx.master:
+            lock = _take_lock(layout, resume, say)
+            state_path, state = _choose_resume(layout, resume, say)
         dist.barrier(long=True)
-        if world > 1:  # every rank loads what rank 0 chose
+        if ctx.world_size > 1:  # every rank loads what rank 0 chose
             state_path = dist.broadcast_object(str(state_path) if state_path else None)
-            if state_path and not master:  # mapped: ranks on one machine share the pages
+            if state_path and not ctx.master:  # mapped: ranks on one machine share the pages
                 state_path = Path(state_path)
                 state = ckpt.load(state_path, mmap=True)
-        return _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb,
-                      on_checkpoint, say, cost_per_hour)
+        trainer = Trainer(cfg, layout, dev, ctx, use_wandb, on_checkpoint, say, cost_per_hour)
+        return trainer.run(state, state_path)
     finally:
         if lock:
             lock.release()
         dist.teardown()
 
 
-def _train(cfg, data_root, dev, ctx, state, state_path, run_dir, use_wandb, on_checkpoint, say,
-           cost_per_hour=None):
-    t = cfg.training
-    if cost_per_hour is None and os.environ.get("SLM_COST_PER_HOUR"):
-        cost_per_hour = float(os.environ["SLM_COST_PER_HOUR"])
-    budget = cfg.modal.max_cost_usd if cost_per_hour else None
-    rank, world, master = ctx.rank, ctx.world_size, ctx.rank == 0
+def _take_lock(layout: RunLayout, resume: str, say) -> RunLock:
+    lock = RunLock(layout.lock)
+    if resume == "never":
+        moved = ckpt.move_aside(layout.run_dir)  # only while we hold the run's lock
+        if moved:
+            lock, old = RunLock(layout.lock), lock
+            old.release()
+            say(f"--resume never: moved the old run to {moved}")
+    for p in ckpt.remove_partial(layout.run_dir) + ckpt.remove_partial(
+            layout.models_dir, layout.model_final.name):
+        say(f"removed {p}, left by a save that was cut short")
+    return lock
 
-    # --- data (rank 0 tokenizes; the others wait and then read the same shards)
-    if master:
-        ds = prepare(cfg, data_root, log=say)
-    dist.barrier(long=True)
-    if not master:
-        ds = prepare(cfg, data_root, log=lambda *a: None)
-    tok = ds.tokenizer
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = tok.vocab_size
-    elif cfg.model.vocab_size < tok.vocab_size:
-        raise SLMError(
-            f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
-            f"{tok.vocab_size} tokens; remove model.vocab_size or raise it"
-        )
-    init_sd = None
-    if cfg.model.init_from:  # fine-tuning: the source sets the shape (also when resuming)
-        from src.model.hf import resolve_init
 
-        init_sd = resolve_init(cfg, tok, load_weights=state is None, log=say)
-    if state is not None:
-        _check_compatible(cfg, state, tok.id, state_path)
-        _check_global_batch(cfg, state, world, state_path)
+def _choose_resume(layout: RunLayout, resume: str, say) -> tuple[Path | None, dict | None]:
+    if resume not in ("auto", "never"):
+        path = Path(resume)
+        return path, ckpt.check_resumable(ckpt.load(path), path)
+    if resume == "auto":
+        found = ckpt.find_resumable(layout.run_dir, say)
+        if found:
+            return found
+    return None, None
 
-    # --- model, optimizer, data position (the weights are loaded before FSDP shards them,
-    # and the optimizer is built on the sharded parameters)
-    torch.manual_seed(t.seed)
-    model = GPT(cfg.model).to(dev)
-    if init_sd is not None:
-        model.load_state_dict(init_sd)
-    accum = dist.plan(cfg, world)
-    if state is not None:
-        ckpt.load_weights(model, state["model_state_dict"], state_path)
-    autocast, scaler = _autocast(dev, t.dtype)
-    if ctx.sharded and scaler is not None:
-        raise SLMError("training.parallelism fsdp with float16 (this GPU has no bfloat16): FSDP's "
-                       "shards cannot use the fp16 gradient scaler; use parallelism: ddp")
-    if world == 1 and t.parallelism == "fsdp":
-        say("note: training.parallelism fsdp with one process: nothing to shard, training as "
-            "a single process (launch with torchrun --nproc_per_node=N to shard)")
-    wrapped = dist.wrap_model(model, ctx, _bf16_params(dev, t.dtype))
-    hellaswag = None
-    if t.hellaswag_every and master:
-        if ctx.sharded:
-            say("note: training.hellaswag_every is skipped under FSDP (run `slm eval` instead)")
+
+class _Signals:
+    """First SIGTERM/SIGINT: finish the step, checkpoint, stop. A second SIGINT: stop now."""
+
+    def __init__(self):
+        self.got: int | None = None
+        self.old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGTERM, signal.SIGINT):
+                self.old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.got is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.got = signum
+
+    def __exit__(self, *exc):
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+@dataclass
+class StepOut:
+    loss_sum: torch.Tensor  # training loss of the step, summed over ranks
+    grad_norm: torch.Tensor
+    factor: float  # learning-rate factor used
+    stop: int | None  # a signal any rank got
+
+
+class Trainer:
+    """One run: build() makes data, model, optimizer and sinks; run() loops and finishes."""
+
+    def __init__(self, cfg: Config, layout: RunLayout, dev, ctx, use_wandb: bool,
+                 on_checkpoint, say, cost_per_hour: float | None):
+        import os
+
+        self.cfg, self.t, self.layout, self.dev, self.ctx = cfg, cfg.training, layout, dev, ctx
+        self.world, self.master = ctx.world_size, ctx.master
+        self.use_wandb, self.on_checkpoint, self.say = use_wandb, on_checkpoint, say
+        if cost_per_hour is None and os.environ.get("SLM_COST_PER_HOUR"):
+            cost_per_hour = float(os.environ["SLM_COST_PER_HOUR"])
+        self.cost_per_hour = cost_per_hour
+        self.s = TrainState()
+        self.last_val: dict = {}
+        self.in_a_row = 0  # skipped updates in a row
+
+    # ------------------------------------------------------------------ build
+
+    def run(self, state: dict | None, state_path: Path | None) -> Result:
+        self.build(state, state_path)
+        if state is not None and (self.budget.done(self.s.step, self.s.tokens)
+                                  or self.budget.over_cost()):
+            return self.already_done(state, state_path)
+        self.loop()
+        return self.finish()
+
+    def build(self, state, state_path) -> None:
+        self.ds, self.tok = self._data(state, state_path)
+        self.model, init_sd = self._model(state, state_path)
+        self._precision()
+        self.wrapped = dist.wrap_model(self.model, self.ctx, self._fsdp_dtype())
+        self.optimizer = build_optimizer(self.model, self.t, self.dev.type)
+        self.loader = BatchLoader(self.ds.train, self.tok.id, self.cfg.seq_len, self.t.batch_size,
+                                  self.t.seed, self.ctx.rank, self.world)
+        if state is not None:
+            self._restore(state, state_path)
+        self.step_model = self._compiled(self.wrapped)
+        self.hellaswag = self._hellaswag()
+        self.flops_tok = self.model.flops_per_token(self.cfg.seq_len)
+        self.peak = hw.peak_flops(self.dev)
+        self.tokens_per_step = self.cfg.tokens_per_step(self.world)
+        self.token_bytes = torch.from_numpy(self.tok.token_bytes())
+        self._write_run_files()
+        self.metrics = Metrics(self._sinks(state), log=self.say)
+        self.budget = Budget(self.t, self.s.elapsed, self.cost_per_hour,
+                             self.cfg.modal.max_cost_usd, self.world)
+        self.budget.agree(dist.broadcast_object(self.budget.elapsed()))
+
+    def _data(self, state, state_path):
+        """Rank 0 tokenizes; the others wait, then read the same shards."""
+        cfg = self.cfg
+        if self.master:
+            ds = prepare(cfg, self.layout.root, log=self.say)
+        dist.barrier(long=True)
+        if not self.master:
+            ds = prepare(cfg, self.layout.root, log=lambda *a: None)
+        tok = ds.tokenizer
+        if cfg.model.vocab_size is None:
+            cfg.model.vocab_size = tok.vocab_size
+        elif cfg.model.vocab_size < tok.vocab_size:
+            raise SLMError(
+                f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
+                f"{tok.vocab_size} tokens; remove model.vocab_size or raise it"
+            )
+        return ds, tok
+
+    def _model(self, state, state_path):
+        """The model, with weights from model.init_from or the checkpoint (loaded before FSDP
+        shards it; the optimizer is built on the sharded parameters)."""
+        init_sd = None
+        if self.cfg.model.init_from:  # fine-tuning: the source sets the shape (also resuming)
+            from src.training.init_from import resolve_init
+
+            init_sd = resolve_init(self.cfg, self.tok, load_weights=state is None, log=self.say)
+        if state is not None:
+            _check_compatible(self.cfg, state, self.tok.id, state_path)
+            _check_global_batch(self.cfg, state, self.world, state_path)
+        torch.manual_seed(self.t.seed)
+        model = GPT(self.cfg.model).to(self.dev)
+        if init_sd is not None:
+            model.load_state_dict(init_sd)
+        self.accum = dist.plan(self.cfg, self.world)
+        if state is not None:
+            ckpt.load_weights(model, state["model_state_dict"], state_path)
+        return model, init_sd
+
+    def _precision(self) -> None:
+        self.amp = hw.amp_dtype(self.dev, self.t.dtype)
+        self.autocast = hw.autocast(self.dev, self.amp)
+        fp16_cuda = self.dev.type == "cuda" and self.amp == torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
+        if self.ctx.sharded and self.scaler is not None:
+            raise SLMError("training.parallelism fsdp with float16 (this GPU has no bfloat16): "
+                           "FSDP's shards cannot use the fp16 gradient scaler; use parallelism: "
+                           "ddp")
+        if self.world == 1 and self.t.parallelism == "fsdp":
+            self.say("note: training.parallelism fsdp with one process: nothing to shard, "
+                     "training as a single process (launch with torchrun --nproc_per_node=N to "
+                     "shard)")
+
+    def _fsdp_dtype(self) -> torch.dtype | None:
+        """FSDP's compute dtype for parameters: bf16 where training autocasts to bf16."""
+        return torch.bfloat16 if self.amp == torch.bfloat16 else None
+
+    def _restore(self, state: dict, state_path: Path) -> None:
+        if self.ctx.sharded:
+            dist.load_optimizer_state(self.model, self.optimizer, state["optimizer_state_dict"],
+                                      self.ctx)
         else:
-            from src.eval import hellaswag as hs
+            ckpt.load_weights(self.optimizer, state["optimizer_state_dict"], state_path)
+        self.loader.load_state_dict(state["loader"])
+        self.s = TrainState.from_checkpoint(state)
+        set_rng_state(state["rng"], self.dev)
+        if state.get("world_size", self.world) != self.world:
+            self.say(f"note: checkpoint written with {state['world_size']} ranks, resuming with "
+                     f"{self.world}")
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.say(f"resumed from {state_path} at step {self.s.step} ({self.s.tokens:,} tokens)")
 
-            hs_rows = hs.load_examples(hs.locate(t.hellaswag_file), t.hellaswag_examples)
-            hellaswag = lambda: hs.evaluate(model, tok, hs_rows, autocast)  # noqa: E731
-    optimizer = build_optimizer(model, t, dev.type)
-    loader = BatchLoader(ds.train, tok.id, cfg.seq_len, t.batch_size, t.seed, rank, world)
-    step, tokens, elapsed_before, wandb_id, best_val = 0, 0, 0.0, None, None
-    skipped = in_a_row = 0  # updates skipped for non-finite loss/gradients
-    if state is not None:
-        if ctx.sharded:
-            dist.load_optimizer_state(model, optimizer, state["optimizer_state_dict"], ctx)
-        else:
-            ckpt.load_weights(optimizer, state["optimizer_state_dict"], state_path)
-        loader.load_state_dict(state["loader"])
-        step, tokens = int(state["step"]), int(state["tokens"])
-        elapsed_before = float(state.get("elapsed", 0.0))
-        wandb_id, best_val = state.get("wandb_run_id"), state.get("best_val_loss")
-        skipped = int(state.get("skipped_nonfinite", 0))
-        _set_rng_state(state["rng"], dev)
-        if state.get("world_size", world) != world and master:
-            say(f"note: checkpoint written with {state['world_size']} ranks, resuming with {world}")
-        say(f"resumed from {state_path} at step {step} ({tokens:,} tokens)")
-    if scaler is not None and state is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    train_model = wrapped
-    if t.compile and dev.type == "cuda":
+    def _compiled(self, model):
+        if not (self.t.compile and self.dev.type == "cuda"):
+            return model
         import torch._dynamo as dynamo
 
         dynamo.config.suppress_errors = True  # fall back to eager on compile failure
-        train_model = torch.compile(train_model)
+        return torch.compile(model)
 
-    flops_tok = model.flops_per_token(cfg.seq_len)
-    peak = peak_flops(dev)
-    tokens_per_step = cfg.tokens_per_step(world)
-    token_bytes = torch.from_numpy(tok.token_bytes())
-    if master:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        tok.save(run_dir / "tokenizer.json")
-        say(
-            f"model {model.num_params() / 1e6:.2f}M params | {tokens_per_step:,} tokens/step "
-            f"({t.batch_size} x {cfg.seq_len} x {accum} accum x {world} ranks) | device {dev}"
+    def _hellaswag(self):
+        if not (self.t.hellaswag_every and self.master):
+            return None
+        if self.ctx.sharded:
+            self.say("note: training.hellaswag_every is skipped under FSDP (run `slm eval` "
+                     "instead)")
+            return None
+        from src.eval import hellaswag as hs
+
+        rows = hs.load_examples(hs.locate(self.t.hellaswag_file), self.t.hellaswag_examples)
+        return lambda: hs.evaluate(self.model, self.tok, rows, self.autocast)
+
+    def _write_run_files(self) -> None:
+        if not self.master:
+            return
+        t, lay = self.t, self.layout
+        lay.run_dir.mkdir(parents=True, exist_ok=True)
+        lay.config.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        self.tok.save(lay.tokenizer)
+        self.say(
+            f"model {self.model.num_params() / 1e6:.2f}M params | {self.tokens_per_step:,} "
+            f"tokens/step ({t.batch_size} x {self.cfg.seq_len} x {self.accum} accum x "
+            f"{self.world} ranks) | device {self.dev}"
         )
-    sinks = []
-    if master:
-        sinks = [JsonlSink(run_dir / "metrics.jsonl", step if state is not None else None),
-                 Console(t.max_steps)]
-        if use_wandb:
+
+    def _sinks(self, state) -> list:
+        if not self.master:
+            return []
+        resumed = state is not None
+        sinks = [JsonlSink(self.layout.metrics, self.s.step if resumed else None),
+                 Console(self.t.max_steps)]
+        if self.use_wandb:
             from src.training.wandb_sink import open_wandb
 
-            extra = {"params": model.num_params(), "tokens_per_step": tokens_per_step,
-                     "grad_accum": accum, "world_size": world, "device": str(dev)}
-            wb = open_wandb(cfg, run_dir, wandb_id, state is not None, extra, log=say)
+            extra = {"params": self.model.num_params(), "tokens_per_step": self.tokens_per_step,
+                     "grad_accum": self.accum, "world_size": self.world, "device": str(self.dev)}
+            wb = open_wandb(self.cfg, self.layout, self.s.wandb_run_id, resumed, extra,
+                            log=self.say)
             if wb is not None:
                 sinks.append(wb)
-                wandb_id = wb.run_id
-    metrics = Metrics(sinks, log=say)
+                self.s.wandb_run_id = wb.run_id
+        return sinks
 
-    def progress(step_, tokens_, elapsed_):
-        p = step_ / t.max_steps
-        if t.max_tokens:
-            p = max(p, tokens_ / t.max_tokens)
-        if t.max_seconds:
-            p = max(p, elapsed_ / t.max_seconds)
-        return p
+    # ------------------------------------------------------------------ loop
 
-    def save_state(path: Path, elapsed_: float, final=False) -> dict | None:
-        """Write a checkpoint (every rank calls: FSDP gathers the full state to rank 0)."""
-        st = {
-            "format": CKPT_FORMAT,
-            "model_state_dict": dist.model_state(model, ctx),
-            "optimizer_state_dict": dist.optimizer_state(model, optimizer, ctx),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "step": step,
-            "tokens": tokens,
-            "elapsed": elapsed_,
-            "loader": loader.state_dict(),
-            "rng": _rng_state(dev),
-            "config": cfg.to_dict(),
-            "tokenizer": tok.to_dict(),
-            "tokenizer_id": tok.id,
-            "wandb_run_id": wandb_id,
-            "best_val_loss": best_val,
-            "skipped_nonfinite": skipped,
-            "world_size": world,
-            "parallelism": t.parallelism,
-            "tokens_per_step": tokens_per_step,
-            "final": final,
+    def loop(self) -> None:
+        t, s = self.t, self.s
+        self.p_start = self.budget.progress(s.step, s.tokens)
+        self.win_tokens, self.win_start = 0, time.time()
+        self.bad_seen = (torch.zeros((), dtype=torch.bool, device=self.dev)
+                         if self.dev.type == "cuda" else None)
+        self.stopped = False
+        self.model.train()
+        with _Signals() as sig:
+            while not self.stopped and not self.budget.done(s.step, s.tokens):
+                out = self.step(sig)
+                last = self.budget.done(s.step, s.tokens)
+                if self.bad_seen is not None and (last or out.stop is not None or any(
+                        s.step % n == 0 for n in (t.log_every, t.eval_every, t.checkpoint_every))):
+                    if bool(self.bad_seen):
+                        raise _nonfinite_error(s.step, self.layout.run_dir, at_or_before=True)
+                if self.budget.max_cost and not last and s.step % t.log_every == 0 \
+                        and self.budget.over_cost():
+                    self.say(f"budget reached: ${self.budget.cost():.2f} of modal.max_cost_usd "
+                             f"${self.budget.max_cost:.2f} at step {s.step}; stopping with a "
+                             "checkpoint")
+                    self.stopped = last = True
+                if s.step % t.log_every == 0 or last or s.step == 1:
+                    self.log_train(out, last)
+                if s.step % t.eval_every == 0 or last:
+                    self.log_eval(samples=not last)
+                if self.hellaswag and (s.step % t.hellaswag_every == 0 or last):
+                    row = {"step": s.step, "tokens": s.tokens, **self.hellaswag()}
+                    self.say(f"step {s.step:>6} | hellaswag acc_norm "
+                             f"{row['hellaswag/acc_norm']:.4f}")
+                    self.metrics.log(row)
+                stop = out.stop if self.world > 1 else sig.got
+                if stop is not None:
+                    self.interrupt(stop, sig.got)
+                if s.step % t.checkpoint_every == 0 and not last:
+                    self.save(self.layout.step(s.step))
+                    self.metrics.call("on_checkpoint", self.layout.step(s.step), s.step)
+
+    def step(self, sig) -> StepOut:
+        """One optimizer step: accumulate micro-batches, clip, check, update."""
+        t, s, accum = self.t, self.s, self.accum
+        factor = lr_factor(t, s.step, self.budget.progress(s.step, s.tokens))
+        set_lr(self.optimizer, factor)
+        loss_sum = torch.zeros((), device=self.dev)
+        for micro in range(accum):
+            x, y = self.loader.next_batch(self.dev)
+            dist.grad_sync(self.wrapped, micro == accum - 1)  # reduce on the last micro-step
+            with self.autocast():
+                _, loss = self.step_model(x, y)
+                loss = loss / accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        gnorm = dist.clip_grad_norm(self.model, t.grad_clip, self.ctx)
+        stop = sig.got
+        if self.world > 1:  # global loss sum, rank 0's clock, and a signal seen by any rank
+            loss_sum, stop, agreed = _sync_step(loss_sum, sig.got, self.budget.elapsed(),
+                                                self.ctx)
+            self.budget.agree(agreed)
+        skip = not self._finite(loss_sum, gnorm)
+        if self.scaler:  # fp16: the scaler skips overflowing steps itself
+            if not skip:
+                self.scaler.step(self.optimizer)
+            self.scaler.update()
+        elif not skip:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        s.step += 1
+        s.tokens += self.tokens_per_step
+        self.win_tokens += self.tokens_per_step
+        return StepOut(loss_sum, gnorm, factor, stop)
+
+    def _finite(self, loss_sum, gnorm) -> bool:
+        """False when this step's update must be skipped (training.skip_nonfinite)."""
+        t, s = self.t, self.s
+        finite = torch.isfinite(loss_sum)
+        if self.scaler is None:  # with fp16, the grad scaler skips overflowing steps itself
+            finite &= torch.isfinite(gnorm)
+        if self.dev.type == "cuda" and not t.skip_nonfinite:
+            self.bad_seen |= ~finite  # checked at log/eval/checkpoint steps: no per-step sync
+            return True
+        if bool(finite):
+            self.in_a_row = 0
+            return True
+        if not t.skip_nonfinite:
+            raise _nonfinite_error(s.step + 1, self.layout.run_dir)
+        s.skipped_nonfinite += 1
+        self.in_a_row += 1
+        if self.in_a_row >= MAX_SKIPS_IN_A_ROW:
+            raise SLMError(
+                f"loss or gradients were NaN/Inf {self.in_a_row} steps in a row (steps "
+                f"{s.step + 2 - self.in_a_row}-{s.step + 1}): training does not recover; the "
+                f"last checkpoints in {self.layout.run_dir} are kept. Lower "
+                "training.learning_rate or check the data")
+        self.say(f"warning: non-finite loss/gradients at step {s.step + 1}; update skipped "
+                 f"({s.skipped_nonfinite} so far)")
+        self.metrics.log({"step": s.step + 1, "skipped_nonfinite": s.skipped_nonfinite})
+        return False
+
+    def log_train(self, out: StepOut, last: bool) -> None:
+        s, now = self.s, time.time()
+        tps = self.win_tokens / max(now - self.win_start, 1e-9)
+        self.win_tokens, self.win_start = 0, now
+        p = self.budget.progress(s.step, s.tokens, self.budget.elapsed())
+        eta = (now - self.budget.started) * (1 - p) / max(p - self.p_start, 1e-9)
+        row = {
+            "step": s.step, "tokens": s.tokens, "time": round(self.budget.elapsed(), 3),
+            "train/loss": out.loss_sum.item() / self.world, "lr": self.t.learning_rate * out.factor,
+            "grad_norm": float(out.grad_norm), "tokens_per_sec": tps,
+            "flops_per_sec": tps * self.flops_tok,
+            "mfu": tps * self.flops_tok / self.peak if self.peak else None,
+            "eta_seconds": eta, "progress": p,
         }
-        if not master:
+        if self.cost_per_hour:
+            row["cost_usd"] = self.budget.cost()
+        if self.dev.type == "cuda":
+            row["memory/peak_gb"] = torch.cuda.max_memory_allocated(self.dev) / 2**30
+        else:
+            row["memory/peak_rss_gb"] = peak_rss_gb()
+        self.metrics.log(row)
+
+    def log_eval(self, samples: bool) -> None:
+        s, cfg = self.s, self.cfg
+        batches = val_batches(self.ds.val, self.tok.id, cfg.seq_len, self.t.batch_size,
+                              self.t.eval_tokens, self.ctx.rank, self.world)
+        sharded = self.ctx.sharded
+        self.last_val = evaluate(
+            self.model, batches, self.token_bytes, self.autocast,
+            reduce=dist.all_reduce_sum if self.world > 1 else None,
+            lockstep=_most_batches if sharded else None, seq_len=cfg.seq_len)
+        self.last_val.pop("val/tokens", None)
+        if s.best_val_loss is None or self.last_val["val/loss"] < s.best_val_loss:
+            s.best_val_loss = self.last_val["val/loss"]
+        row = {"step": s.step, "tokens": s.tokens, **self.last_val}
+        if samples and self.t.num_samples and (self.master or sharded):  # FSDP: all ranks
+            row["samples"] = self.samples()
+        self.metrics.log(row)
+
+    @torch.no_grad()
+    def samples(self) -> list[dict]:
+        t, tok = self.t, self.tok
+        g = torch.Generator(device=self.dev).manual_seed(t.seed + self.s.step)  # not training's
+        prompt_ids = [tok.eot_id] + (tok.encode(t.sample_prompt) if t.sample_prompt else [])
+        out = []
+        self.model.eval()
+        for _ in range(t.num_samples):
+            idx = torch.tensor([prompt_ids], device=self.dev)
+            new = [int(n) for n in self.model.generate(idx, t.sample_tokens, temperature=0.8,
+                                                       top_k=200, generator=g)]
+            out.append({"prompt": t.sample_prompt, "text": tok.decode(new)})
+        self.model.train()
+        return out
+
+    def save(self, path: Path, final: bool = False) -> dict | None:
+        """Write a checkpoint (every rank calls: FSDP gathers the full state to rank 0)."""
+        self.s.elapsed = self.budget.elapsed()
+        st = checkpoint_dict(
+            self.s, model=dist.model_state(self.model, self.ctx),
+            optimizer=dist.optimizer_state(self.model, self.optimizer, self.ctx),
+            scaler=self.scaler.state_dict() if self.scaler is not None else None,
+            loader=self.loader.state_dict(), rng=rng_state(self.dev), config=self.cfg.to_dict(),
+            tok=self.tok, world=self.world, parallelism=self.t.parallelism,
+            tokens_per_step=self.tokens_per_step, final=final)
+        if not self.master:
             return None
         ckpt.save(st, path)
         if not final:
-            ckpt.prune(run_dir, t.keep_last)
-        if on_checkpoint:
-            on_checkpoint(path)
+            ckpt.prune(self.layout.run_dir, self.t.keep_last)
+        if self.on_checkpoint:
+            self.on_checkpoint(path)
         return st
 
-    start = time.time()  # the budget counts training time (data preparation excluded)
-    elapsed = lambda: elapsed_before + (time.time() - start)  # noqa: E731
-    # Decisions that depend on time (lr, stopping, cost) use rank 0's clock, so all ranks agree.
-    synced = [dist.broadcast_object(elapsed())]
-    clock = elapsed if world == 1 else (lambda: synced[0])
-    cost = lambda: cost_per_hour * clock() / 3600 if cost_per_hour else None  # noqa: E731
-    over_budget = lambda: bool(budget) and cost() >= budget  # noqa: E731
-    stopped = False
-    last_val = {}
-    p_start = progress(step, tokens, clock())
-    if state is not None and (p_start >= 1.0 or over_budget()):
-        if p_start >= 1.0:
-            say(f"run '{cfg.name}' is already complete at step {step} ({state_path}); "
-                "--resume never starts it over")
+    def interrupt(self, stop: int, got: int | None) -> None:
+        path = self.layout.step(self.s.step)
+        self.save(path)
+        dist.barrier()
+        self.metrics.call("on_interrupt", got)
+        self.metrics.close()
+        raise Interrupted(f"{signal.Signals(stop).name}: saved {path} at step {self.s.step}; "
+                          "re-run to resume", stop)
+
+    # ------------------------------------------------------------------ finish
+
+    def finish(self) -> Result:
+        s, lay = self.s, self.layout
+        final_state = self.save(lay.final, final=True)
+        samples = None
+        if self.t.num_samples and (self.master or self.ctx.sharded):  # shown last
+            samples = self.samples()
+        if self.master:
+            self._write_model(final_state["model_state_dict"])
+            self.metrics.call("on_final", lay.final, lay.model_final, self.last_val)
+            nan = float("nan")
+            self.say(f"done: step {s.step}, {s.tokens:,} tokens in {self.budget.elapsed():.0f} "
+                     f"s; val loss {self.last_val.get('val/loss', nan):.4f}, "
+                     f"val bpb {self.last_val.get('val/bpb', nan):.4f}")
+            self.say(f"checkpoint: {lay.final}\nmodel:      {lay.model_final}")
+            if samples:
+                self.metrics.log({"step": s.step, "tokens": s.tokens, "samples": samples})
+        self.metrics.close()
+        dist.barrier()
+        return Result(lay.run_dir, lay.final, lay.model_final, s.step, s.tokens,
+                      self.last_val.get("val/loss"), self.last_val.get("val/bpb"))
+
+    def _write_model(self, model_state_dict: dict) -> None:
+        v = self.last_val
+        ckpt.save(ckpt.model_file(model_state_dict, self.cfg.to_dict(), self.tok, self.s.step,
+                                  self.s.tokens, v.get("val/loss"), v.get("val/bpb")),
+                  self.layout.model_final)
+        if self.on_checkpoint:
+            self.on_checkpoint(self.layout.model_final)
+
+    def already_done(self, state: dict, state_path: Path) -> Result:
+        """Resumed a run that had ended (its budget, or its cost stop): report, fill any gap."""
+        s, lay = self.s, self.layout
+        if self.budget.done(s.step, s.tokens):
+            self.say(f"run '{self.cfg.name}' is already complete at step {s.step} ({state_path}); "
+                     "--resume never starts it over")
         else:
-            say(f"run '{cfg.name}' stopped at its budget modal.max_cost_usd ${budget:.2f} (step "
-                f"{step}); raise modal.max_cost_usd to continue it")
-        metrics.close()
-        model_path = Path(data_root) / "models" / f"{cfg.name}_final.pt"
-        if master and not model_path.is_file():  # stopped between final.pt and the model file
-            ckpt.save({"format": CKPT_FORMAT, "model_state_dict": state["model_state_dict"],
-                       "config": cfg.to_dict(), "tokenizer": tok.to_dict(), "tokenizer_id": tok.id,
-                       "step": step, "tokens": tokens, "val_loss": None, "val_bpb": None},
-                      model_path)
-            if on_checkpoint:
-                on_checkpoint(model_path)
-            say(f"wrote the missing model file {model_path}")
-        return Result(run_dir, state_path, model_path, step, tokens, None, None)
-    win_tokens, win_start = 0, time.time()
-    bad_seen = torch.zeros((), dtype=torch.bool, device=dev) if dev.type == "cuda" else None
-    model.train()
-    with _Signals() as sig:
-        while progress(step, tokens, clock()) < 1.0 and not stopped:
-            factor = lr_factor(t, step, progress(step, tokens, clock()))
-            set_lr(optimizer, factor)
-            loss_sum = torch.zeros((), device=dev)
-            for micro in range(accum):
-                x, y = loader.next_batch(dev)
-                dist.grad_sync(wrapped, micro == accum - 1)  # reduce on the last micro-step only
-                with autocast():
-                    _, loss = train_model(x, y)
-                    loss = loss / accum
-                (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += loss.detach()
-            if scaler:
-                scaler.unscale_(optimizer)
-            gnorm = dist.clip_grad_norm(model, t.grad_clip, ctx)
-            if world > 1:  # global loss sum, rank 0's clock, and a signal seen by any rank
-                loss_sum, stop_sig, synced[0] = _sync_step(loss_sum, sig.got, elapsed(), ctx)
-            finite = torch.isfinite(loss_sum)
-            if scaler is None:  # with fp16, the grad scaler skips overflowing steps itself
-                finite &= torch.isfinite(gnorm)
-            skip = False
-            if dev.type == "cuda" and not t.skip_nonfinite:
-                bad_seen |= ~finite  # checked at log/eval/checkpoint steps: no per-step sync
-            elif bool(finite):
-                in_a_row = 0
-            else:
-                if not t.skip_nonfinite:
-                    raise _nonfinite_error(step + 1, run_dir)
-                skip, skipped, in_a_row = True, skipped + 1, in_a_row + 1
-                if in_a_row >= MAX_SKIPS_IN_A_ROW:
-                    raise SLMError(
-                        f"loss or gradients were NaN/Inf {in_a_row} steps in a row (steps "
-                        f"{step + 2 - in_a_row}-{step + 1}): training does not recover; the last "
-                        f"checkpoints in {run_dir} are kept. Lower training.learning_rate or "
-                        "check the data"
-                    )
-                say(f"warning: non-finite loss/gradients at step {step + 1}; update skipped "
-                    f"({skipped} so far)")
-                metrics.log({"step": step + 1, "skipped_nonfinite": skipped})
-            if skip:  # the step still counts: signals, evaluation and checkpoints go on
-                if scaler:
-                    scaler.update()
-            elif scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens += tokens_per_step
-            win_tokens += tokens_per_step
+            self.say(f"run '{self.cfg.name}' stopped at its budget modal.max_cost_usd "
+                     f"${self.budget.max_cost:.2f} (step {s.step}); raise modal.max_cost_usd to "
+                     "continue it")
+        self.metrics.close()
+        if self.master and not lay.model_final.is_file():  # stopped between final.pt and it
+            self._write_model(state["model_state_dict"])
+            self.say(f"wrote the missing model file {lay.model_final}")
+        return Result(lay.run_dir, state_path, lay.model_final, s.step, s.tokens, None, None)
 
-            last = progress(step, tokens, clock()) >= 1.0
-            boundary = last or step % t.log_every == 0 or step % t.eval_every == 0 or (
-                step % t.checkpoint_every == 0) or sig.got is not None
-            if bad_seen is not None and boundary and bool(bad_seen):
-                raise _nonfinite_error(step, run_dir, at_or_before=True)
-            if budget and not last and step % t.log_every == 0 and over_budget():
-                say(f"budget reached: ${cost():.2f} of modal.max_cost_usd ${budget:.2f} at step "
-                    f"{step}; stopping with a checkpoint")
-                stopped = last = True
-            if step % t.log_every == 0 or last or step == 1:
-                now = time.time()
-                tps = win_tokens / max(now - win_start, 1e-9)
-                win_tokens, win_start = 0, now
-                p = progress(step, tokens, elapsed())
-                eta = (now - start) * (1 - p) / max(p - p_start, 1e-9)
-                row = {
-                    "step": step,
-                    "tokens": tokens,
-                    "time": round(elapsed(), 3),
-                    "train/loss": loss_sum.item() / world,
-                    "lr": t.learning_rate * factor,
-                    "grad_norm": float(gnorm),
-                    "tokens_per_sec": tps,
-                    "flops_per_sec": tps * flops_tok,
-                    "mfu": tps * flops_tok / peak if peak else None,
-                    "eta_seconds": eta,
-                    "progress": p,
-                }
-                if cost_per_hour:
-                    row["cost_usd"] = cost()
-                if dev.type == "cuda":
-                    row["memory/peak_gb"] = torch.cuda.max_memory_allocated(dev) / 2**30
-                else:
-                    row["memory/peak_rss_gb"] = peak_rss_gb()
-                metrics.log(row)
-            if step % t.eval_every == 0 or last:
-                last_val = evaluate(model, ds, cfg, dev, autocast, token_bytes, rank, world,
-                                    lockstep=ctx.sharded)
-                if best_val is None or last_val["val/loss"] < best_val:
-                    best_val = last_val["val/loss"]
-                row = {"step": step, "tokens": tokens, **last_val}
-                if t.num_samples and (master or ctx.sharded) and not last:  # FSDP: all ranks
-                    row["samples"] = make_samples(model, tok, cfg, dev, step)
-                metrics.log(row)
-            if hellaswag and (step % t.hellaswag_every == 0 or last):
-                row = {"step": step, "tokens": tokens, **hellaswag()}
-                say(f"step {step:>6} | hellaswag acc_norm {row['hellaswag/acc_norm']:.4f}")
-                metrics.log(row)
-            if world == 1:
-                stop_sig = sig.got
-            if stop_sig is not None:
-                name = signal.Signals(stop_sig).name
-                path = run_dir / f"step_{step}.pt"
-                save_state(path, elapsed())
-                dist.barrier()
-                metrics.call("on_interrupt", sig.got)
-                metrics.close()
-                raise Interrupted(f"{name}: saved {path} at step {step}; re-run to resume", stop_sig)
-            if step % t.checkpoint_every == 0 and not last:
-                save_state(run_dir / f"step_{step}.pt", elapsed())
-                metrics.call("on_checkpoint", run_dir / f"step_{step}.pt", step)
 
-    final = run_dir / "final.pt"
-    final_state = save_state(final, elapsed(), final=True)
-    samples = None
-    if t.num_samples and (master or ctx.sharded):  # shown last, after the summary
-        samples = make_samples(model, tok, cfg, dev, step)
-    model_path = Path(data_root) / "models" / f"{cfg.name}_final.pt"
-    if master:
-        ckpt.save(
-            {"format": CKPT_FORMAT, "model_state_dict": final_state["model_state_dict"],
-             "config": cfg.to_dict(),
-             "tokenizer": tok.to_dict(), "tokenizer_id": tok.id, "step": step, "tokens": tokens,
-             "val_loss": last_val.get("val/loss"), "val_bpb": last_val.get("val/bpb")},
-            model_path,
+# ----------------------------------------------------------------------------- helpers
+
+
+def _most_batches(n: int) -> int:
+    t = torch.tensor(n)
+    dist.all_reduce_max(t)
+    return int(t)
+
+
+def _sync_step(loss_sum: torch.Tensor, got: int | None, elapsed: float, ctx) -> tuple:
+    """One all-reduce per step: (global loss sum, signal any rank got, rank 0's elapsed time)."""
+    v = torch.tensor([0.0, elapsed if ctx.master else 0.0, got == signal.SIGTERM,
+                      got == signal.SIGINT], dtype=torch.float64, device=loss_sum.device)
+    v[0] = loss_sum.double()
+    dist.all_reduce_sum(v)
+    _, el, term, intr = v.tolist()
+    sig = signal.SIGTERM if term else signal.SIGINT if intr else None
+    return v[0].to(loss_sum.dtype), sig, el
+
+
+def _check_compatible(cfg: Config, state: dict, tok_id: str, path: Path) -> None:
+    old = state.get("config", {}).get("model", {})
+    new = cfg.model.model_dump()
+    diff = [f"model.{k}={old.get(k)!r} there, {new.get(k)!r} here" for k in SHAPE_KEYS
+            if k in old and old.get(k) != new.get(k)]
+    if diff:
+        raise SLMError(
+            f"checkpoint {path} is from a different model shape ({'; '.join(diff)}); use the "
+            "config it was trained with, or start over with --resume never"
         )
-        if on_checkpoint:
-            on_checkpoint(model_path)
-        metrics.call("on_final", final, model_path, last_val)
-        say(f"done: step {step}, {tokens:,} tokens in {elapsed():.0f} s; "
-            f"val loss {last_val.get('val/loss', float('nan')):.4f}, "
-            f"val bpb {last_val.get('val/bpb', float('nan')):.4f}")
-        say(f"checkpoint: {final}\nmodel:      {model_path}")
-        if samples:
-            metrics.log({"step": step, "tokens": tokens, "samples": samples})
-    metrics.close()
-    dist.barrier()
-    return Result(run_dir, final, model_path, step, tokens, last_val.get("val/loss"),
-                  last_val.get("val/bpb"))
+    if state.get("tokenizer_id") not in (None, tok_id):
+        raise SLMError(
+            f"checkpoint {path} was trained with another tokenizer than this config's data "
+            "(data.source/data.tokenizer/data.vocab_size differ); use the same data config, or "
+            "--resume never"
+        )
+
+
+def _check_global_batch(cfg: Config, state: dict, world: int, path: Path) -> None:
+    """A resumed run keeps its global batch, whatever the number of processes."""
+    old_world = int(state.get("world_size", 1))
+    old = state.get("tokens_per_step")
+    if old is None:
+        old = config_from_dict(state["config"]).tokens_per_step(old_world)
+    new = cfg.tokens_per_step(world)
+    if old == new:
+        return
+    t = cfg.training
+    raise SLMError(
+        f"checkpoint {path} was trained with {old:,} tokens per optimizer step ({old_world} "
+        f"process(es)), but this launch gives {new:,} (batch_size {t.batch_size} x seq_len "
+        f"{cfg.seq_len} x {cfg.grad_accum(world)} accumulation x {world} process(es)). Keep the "
+        f"global batch: set training.batch_tokens: {old} (a multiple of batch_size x seq_len x "
+        "processes), or adjust batch_size / gradient_accumulation_steps; or start over with "
+        "--resume never"
+    )
+
+
+def _nonfinite_error(step: int, run_dir: Path, at_or_before: bool = False) -> SLMError:
+    when = f"at or before step {step}" if at_or_before else f"at step {step}"
+    return SLMError(
+        f"loss or gradients became NaN/Inf {when}; stopped without saving, so the last good "
+        f"checkpoint in {run_dir} is kept. Lower training.learning_rate, check the data, or set "
+        "training.skip_nonfinite: true to skip such steps"
+    )

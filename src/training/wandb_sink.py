@@ -25,7 +25,10 @@ import socket
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from src import checkpoint as ckpt
 from src.errors import SLMError
+from src.paths import RunLayout
+from src.training.metrics import read_metrics
 
 MODES = ("online", "offline", "disabled")
 _MODE_ALIASES = {"dryrun": "offline", "run": "online", "shared": "online"}
@@ -142,7 +145,7 @@ def probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     return None
 
 
-def open_wandb(cfg, run_dir: Path, run_id: str | None, resumed: bool, extra: dict | None = None,
+def open_wandb(cfg, layout: RunLayout, run_id: str | None, resumed: bool, extra: dict | None = None,
                log=print):
     """The W&B sink for this run, or None when W&B is disabled or could not start at all.
 
@@ -154,7 +157,7 @@ def open_wandb(cfg, run_dir: Path, run_id: str | None, resumed: bool, extra: dic
     if mode == "online":
         check_online_ready(cfg)
     try:
-        return WandbSink(cfg, run_dir, run_id, resumed, extra=extra, log=log, mode=mode)
+        return WandbSink(cfg, layout, run_id, resumed, extra=extra, log=log, mode=mode)
     except SLMError:
         raise
     except Exception as e:
@@ -168,12 +171,12 @@ class WandbSink:
 
     name = "W&B"
 
-    def __init__(self, cfg, run_dir: Path, run_id: str | None, resumed: bool,
+    def __init__(self, cfg, layout: RunLayout, run_id: str | None, resumed: bool,
                  extra: dict | None = None, log=print, mode: str | None = None):
         import wandb
 
         self.wandb, self._log, self.cfg = wandb, log, cfg
-        self.run_dir = Path(run_dir)
+        self.layout, self.run_dir = layout, layout.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.mode = mode or resolve_mode(cfg)
         self.run_id = run_id or new_run_id()
@@ -183,8 +186,8 @@ class WandbSink:
         self._dropped = 0  # rows W&B already had (see _floor)
         self._best = None
         if resumed:
-            self._samples = _previous_samples(self.run_dir / "metrics.jsonl")
-            self._best = _read_json(self.run_dir / "best.json")
+            self._samples = _previous_samples(layout.metrics)
+            self._best = _read_json(self.layout.best_record)
 
         config = cfg.to_dict()
         if extra:
@@ -268,9 +271,9 @@ class WandbSink:
             return
         if self._best is not None and not v["val/loss"] < self._best["val/loss"]:
             return
-        best = self.run_dir / "best.pt"
+        best = self.layout.best
         try:  # a hard link: no copy, and it outlives the pruning of step_N.pt
-            tmp = self.run_dir / ".best.pt.tmp"
+            tmp = best.with_name(f".{best.name}.tmp")
             tmp.unlink(missing_ok=True)
             os.link(path, tmp)
             os.replace(tmp, best)
@@ -279,7 +282,7 @@ class WandbSink:
             src = Path(path)
         self._best = {"step": step, "tokens": v.get("tokens"), "val/loss": v["val/loss"],
                       "val/bpb": v.get("val/bpb"), "path": str(src)}
-        (self.run_dir / "best.json").write_text(json.dumps(self._best, indent=1) + "\n")
+        (self.layout.best_record).write_text(json.dumps(self._best, indent=1) + "\n")
 
     def on_final(self, final_path: Path, model_path: Path, last_val: dict) -> None:
         for k, v in last_val.items():
@@ -290,13 +293,13 @@ class WandbSink:
         final_is_best = best is None or (last_val.get("val/loss") is not None
                                          and last_val["val/loss"] <= best["val/loss"])
         if not final_is_best:  # first, so that W&B's automatic "latest" goes to the final model
-            best_model = self._best_model(Path(best["path"]), Path(model_path))
+            best_model = self._best_model(Path(best["path"]))
             if best_model is not None:
                 self._artifact(best_model, ["best", f"step-{best['step']}"],
                                {"kind": "best", **{k: v for k, v in best.items() if k != "path"}})
         aliases = ["latest", "final"] + (["best"] if final_is_best else [])
         self._artifact(model_path, aliases, {"kind": "final", **last_val})
-        (self.run_dir / "best.pt").unlink(missing_ok=True)  # the link is no longer needed
+        self.layout.best.unlink(missing_ok=True)  # the link is no longer needed
 
     def on_interrupt(self, signum: int) -> None:
         """SIGTERM/SIGINT: tell W&B this run is being preempted (it will resume)."""
@@ -328,10 +331,8 @@ class WandbSink:
         art.add_file(str(path))
         self.run.log_artifact(art, aliases=aliases)
 
-    def _best_model(self, ckpt_path: Path, final_model: Path) -> Path | None:
+    def _best_model(self, ckpt_path: Path) -> Path | None:
         """The best checkpoint as a weights-only model file beside the final one."""
-        from src import checkpoint as ckpt
-
         if not ckpt_path.is_file():
             self._log(f"note: the best checkpoint ({ckpt_path.name}) was pruned; only the final "
                       "model is uploaded")
@@ -341,24 +342,14 @@ class WandbSink:
                 "tokens")
         slim = {k: state[k] for k in keep if k in state}
         slim["val_loss"], slim["val_bpb"] = self._best["val/loss"], self._best.get("val/bpb")
-        out = final_model.with_name(final_model.name.replace("_final.pt", "_best.pt"))
-        if out == final_model:
-            out = final_model.with_suffix(".best.pt")
-        return ckpt.save(slim, out)
+        return ckpt.save(slim, self.layout.model_best)
 
 
 def _previous_samples(path: Path) -> list[list]:
     """Samples already logged by earlier attempts of this run (metrics.jsonl, already cut)."""
-    out = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            out += [[row["step"], s.get("prompt", ""), s.get("text", "")]
-                    for s in row.get("samples") or []]
-    return out
+    rows = read_metrics(path) if path.is_file() else []
+    return [[r["step"], s.get("prompt", ""), s.get("text", "")]
+            for r in rows for s in r.get("samples") or []]
 
 
 def _read_json(path: Path):

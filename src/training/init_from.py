@@ -1,0 +1,157 @@
+"""`model.init_from`: start from GPT-2's weights, a Hugging Face model folder, or an slm model.
+
+    model:
+      init_from: gpt2            # gpt2 | gpt2-medium | gpt2-large | gpt2-xl (from the hub, cached)
+      init_from: path/to/folder  # a transformers model folder (save_pretrained)
+      init_from: path/to/x.pt    # an slm checkpoint, model file or .safetensors export
+
+The source fixes the model's shape; the name maps between layouts are src/model/hf.py's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from src import checkpoint as ckpt
+from src.errors import SLMError
+from src.model.gpt import SHAPE_KEYS, GPTConfig
+from src.model.hf import GPT2_SIZES, HUB_ORG, from_hf, shape_from_hf
+
+
+def read_hf_folder(path: str | Path, weights: bool = True) -> tuple[dict, dict]:
+    """(config dict, state dict) of a saved transformers model folder (safetensors or .bin)."""
+    path = Path(path)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SLMError(f"{path}: no readable config.json ({e}); is it a Hugging Face model "
+                       "folder (saved with save_pretrained)?") from None
+    if not weights:
+        return config, {}
+    files = []
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (path / index).is_file():
+            names = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+            files = [path / n for n in names]
+        elif (path / single).is_file():
+            files = [path / single]
+        if files:
+            break
+    if not files:
+        raise SLMError(f"{path}: no model.safetensors or pytorch_model.bin in the folder")
+    sd = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd |= load_file(f)
+        else:
+            sd |= torch.load(f, map_location="cpu", weights_only=True)
+    return config, sd
+
+
+def fetch_gpt2(name: str) -> Path:
+    """Download (once; cached by huggingface_hub) GPT-2's config and safetensors weights."""
+    repo = f"{HUB_ORG}/{name}"
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"]))
+    except ImportError:
+        raise SLMError("model.init_from gpt2*: needs the huggingface_hub package "
+                       "(pip install huggingface_hub)") from None
+    except Exception as e:  # offline, hub errors, missing cache
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise SLMError(
+            f"model.init_from {name}: could not get {repo} from the Hugging Face hub ({why}). "
+            f"Connect once (it is cached in {os.environ.get('HF_HOME', '~/.cache/huggingface')}), "
+            f"or save it elsewhere with transformers' save_pretrained and set model.init_from to "
+            "that folder"
+        ) from None
+
+
+def _gpt2_config(name: str) -> dict:
+    n_layer, n_head, n_embd = GPT2_SIZES[name]
+    return {"model_type": "gpt2", "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd,
+            "n_positions": 1024, "vocab_size": 50257}
+
+
+def _read_slm(path: Path, weights: bool) -> tuple[dict, dict | None, str | None]:
+    """(model config, state dict, tokenizer id) of an slm checkpoint or safetensors export."""
+    if path.suffix == ".safetensors":
+        cfg, sd, tok = ckpt.read_safetensors(path, weights)
+        return cfg["model"], sd, tok.id
+    state = ckpt.load(path)
+    return state["config"]["model"], state["model_state_dict"], state.get("tokenizer_id")
+
+
+def resolve_init(cfg, tok, load_weights: bool = True, log=print) -> dict | None:
+    """Apply `model.init_from` to cfg.model (its shape keys) and return the weights to load.
+
+    The source fixes the model's shape: keys the config leaves out are taken from it, keys it
+    sets must agree (block_size may be smaller: positions are cropped). Its vocab must be the
+    tokenizer's. load_weights=False only sets the shape (resuming: the checkpoint has weights).
+    """
+    src, m = cfg.model.init_from, cfg.model
+    slm_sd, slm_tok = None, None
+    if src in GPT2_SIZES:
+        if tok.kind != "gpt2":
+            raise SLMError(f"model.init_from {src} needs data.tokenizer: gpt2 (GPT-2's weights "
+                           f"expect its 50257 token ids); this config uses {tok.kind}")
+        hf_cfg, hf_sd = (read_hf_folder(fetch_gpt2(src)) if load_weights
+                         else (_gpt2_config(src), None))
+        shape = shape_from_hf(hf_cfg, f"model.init_from {src}")
+    elif Path(src).expanduser().is_dir():
+        hf_cfg, hf_sd = read_hf_folder(Path(src).expanduser(), load_weights)
+        shape = shape_from_hf(hf_cfg, f"model.init_from {src}")
+    elif Path(src).expanduser().is_file():
+        mc, slm_sd, slm_tok = _read_slm(Path(src).expanduser(), load_weights)
+        shape = {k: mc[k] for k in SHAPE_KEYS}
+        if slm_tok not in (None, tok.id):
+            raise SLMError(f"model.init_from {src}: that model was trained with another tokenizer "
+                           "than this config's data; use the same data.tokenizer and source")
+    else:
+        raise SLMError(f"model.init_from {src!r}: not one of {', '.join(GPT2_SIZES)} nor an "
+                       "existing path (a Hugging Face model folder or an slm checkpoint)")
+
+    if shape["vocab_size"] != tok.vocab_size:
+        raise SLMError(f"model.init_from {src}: its vocab has {shape['vocab_size']} tokens, this "
+                       f"config's {tok.kind} tokenizer {tok.vocab_size}; use the tokenizer the "
+                       "model was trained with")
+    conflicts = []
+    for k, v in shape.items():
+        ours = getattr(m, k)
+        if k not in m.model_fields_set or ours == v or k == "vocab_size":
+            continue
+        if k == "block_size" and (ours < v or shape["pos_emb"] == "rope"):
+            continue  # fewer positions: cropped
+        if k in ("mlp_ratio", "rope_theta") and abs(ours - v) < 1e-9:
+            continue
+        conflicts.append(f"model.{k}: {ours} here, {v} in {src}")
+    if conflicts:
+        raise SLMError("model.init_from fixes the model's shape, and the config disagrees: "
+                       + "; ".join(conflicts)
+                       + ". Remove these keys from the config (or match them)")
+    updates = {k: v for k, v in shape.items() if k not in m.model_fields_set or k == "vocab_size"}
+    vocab, multiple = shape["vocab_size"], updates.get("pad_vocab_multiple", m.pad_vocab_multiple)
+    if "pad_vocab_multiple" not in shape and vocab % multiple:
+        # padded rows would add untrained logits to the softmax: keep the source's exact vocab
+        if "pad_vocab_multiple" in m.model_fields_set and multiple != 1:
+            raise SLMError(f"model.pad_vocab_multiple: {multiple} would add untrained rows to "
+                           f"{src}'s {vocab} tokens; remove the key")
+        updates["pad_vocab_multiple"] = 1
+    cfg.model = m = GPTConfig.model_validate({**m.model_dump(), **updates})
+    if not load_weights:
+        return None
+    log(f"model.init_from {src}: {m.n_layer} layers, {m.n_embd} wide, vocab {m.vocab_size}")
+    if slm_sd is not None:
+        if m.block_size < shape["block_size"] and "transformer.wpe.weight" in slm_sd:
+            slm_sd = {**slm_sd, "transformer.wpe.weight": slm_sd["transformer.wpe.weight"][
+                : m.block_size]}
+        return slm_sd
+    return from_hf(hf_sd, m)
