@@ -40,11 +40,17 @@ class GPTConfig(BaseModel):
     )
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
     bias: bool = Field(True, description="biases in linear layers and norms (GPT-2: true)")
-    pos_emb: Literal["learned", "rope"] = Field("learned", description="position encoding")
+    pos_emb: Literal["learned", "rope"] = Field(
+        "learned", description="position encoding: a learned table (GPT-2) or rope (rotary)"
+    )
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base frequency")
-    norm: Literal["layernorm", "rmsnorm"] = Field("layernorm", description="normalisation")
+    norm: Literal["layernorm", "rmsnorm"] = Field(
+        "layernorm", description="normalisation layer (GPT-2: layernorm)"
+    )
     qk_norm: bool = Field(False, description="RMS-normalise queries and keys per head")
-    mlp: Literal["gelu", "swiglu", "relu2"] = Field("gelu", description="feed-forward type")
+    mlp: Literal["gelu", "swiglu", "relu2"] = Field(
+        "gelu", description="feed-forward type (GPT-2: gelu; relu2 = ReLU squared)"
+    )
     mlp_ratio: float = Field(4.0, gt=0, description="feed-forward width / n_embd")
     tie_embeddings: bool = Field(True, description="share token embedding and output head")
     init_std: float = Field(0.02, gt=0, description="std of the normal weight init")

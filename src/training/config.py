@@ -37,7 +37,9 @@ class DataConfig(_Section):
     )
     val_source: str | None = Field(None, description="separate validation text (else a split)")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="share of documents for validation")
-    tokenizer: Literal["bpe", "bytes", "char", "gpt2"] = Field("bpe", description="tokenizer kind")
+    tokenizer: Literal["bpe", "bytes", "char", "gpt2"] = Field(
+        "bpe", description="bpe (trained on the corpus), bytes, char or gpt2 (via tiktoken)"
+    )
     vocab_size: int = Field(4096, ge=258, description="vocab of a trained bpe tokenizer (bpe only)")
     tokenizer_sample_bytes: int = Field(
         50_000_000, ge=1000, description="text sampled to train a bpe tokenizer"
@@ -61,13 +63,17 @@ class TrainingConfig(_Section):
     learning_rate: float = Field(6e-4, gt=0, le=1.0, description="peak learning rate")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="final lr / peak lr")
     warmup_steps: int = Field(100, ge=0, description="linear warmup steps")
-    schedule: Literal["cosine", "linear", "wsd", "constant"] = Field("cosine")
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = Field(
+        "cosine", description="lr after warmup: cosine, linear, warmup-stable-decay or constant"
+    )
     decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: share of the run spent decaying")
     optimizer: Literal["adamw", "muon"] = Field("adamw", description="muon: Muon for matrices")
     muon_lr: float = Field(0.02, gt=0, description="muon: learning rate of the matrix weights")
-    weight_decay: float = Field(0.1, ge=0)
-    beta1: float = Field(0.9, ge=0, lt=1)
-    beta2: float = Field(0.95, ge=0, lt=1)
+    weight_decay: float = Field(
+        0.1, ge=0, description="AdamW decay of matrices (biases, norms and Muon's matrices: none)"
+    )
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW first-moment (momentum) decay")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW second-moment decay")
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm (0 = off)")
     eval_every: int = Field(250, ge=1, description="steps between evaluations")
     eval_tokens: int = Field(262_144, ge=1, description="validation tokens per evaluation")
@@ -83,7 +89,9 @@ class TrainingConfig(_Section):
     )
     compile: bool = Field(True, description="torch.compile on CUDA (CPU/MPS stay eager)")
     threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
-    parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="multi-GPU strategy")
+    parallelism: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="multi-GPU: ddp (a replica per GPU) or fsdp (sharded weights)"
+    )
     skip_nonfinite: bool = Field(False, description="skip a step whose loss/grads are NaN/Inf")
     hellaswag_every: int | None = Field(
         None, ge=1, description="steps between HellaSwag evaluations (logged; empty = never)"
@@ -113,21 +121,32 @@ class ModalConfig(_Section):
 
 
 class WandbConfig(_Section):
-    project: str = Field("slm-from-scratch")
-    entity: str | None = None
-    mode: Literal["online", "offline", "disabled"] = "online"
-    group: str | None = None
-    tags: list[str] = Field(default_factory=list)
+    project: str = Field("slm-from-scratch", description="W&B project the run logs to")
+    entity: str | None = Field(None, description="W&B user or team (empty = your default entity)")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="online, offline (sync later) or disabled; $WANDB_MODE wins when set"
+    )
+    group: str | None = Field(None, description="W&B group that gathers related runs (a sweep's)")
+    tags: list[str] = Field(default_factory=list, description="W&B tags of the run")
     log_model: bool = Field(True, description="upload final/best checkpoints as artifacts")
 
 
 class Config(_Section):
-    name: str = Field("run", description="run name: checkpoints/<name>/, models/<name>_final.pt")
-    model: GPTConfig = Field(default_factory=GPTConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    modal: ModalConfig = Field(default_factory=ModalConfig)
-    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    name: str = Field(
+        "run", description="run name (a config file's default: its stem); names the run's folders"
+    )
+    model: GPTConfig = Field(default_factory=GPTConfig, description="the model's shape and options")
+    data: DataConfig = Field(
+        default_factory=DataConfig, description="where the text comes from and how it is tokenized"
+    )
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig,
+        description="batch, budget, optimizer, schedule, evaluation, checkpoints and precision",
+    )
+    modal: ModalConfig = Field(
+        default_factory=ModalConfig, description="the Modal container: GPU, timeout, retries, cost"
+    )
+    wandb: WandbConfig = Field(default_factory=WandbConfig, description="Weights & Biases logging")
 
     @field_validator("name")
     @classmethod
