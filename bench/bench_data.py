@@ -91,7 +91,7 @@ def bench_prepare(cfg_path, overrides, base: Path, root: Path, workers: int) -> 
     src, dst = dataset_dir(cfg.data, base), dataset_dir(cfg.data, root)
     shutil.rmtree(root, ignore_errors=True)
     dst.mkdir(parents=True)
-    for f in ("plan.json", "tokenizer.json"):
+    for f in ("plan.json", "tokenizer.json", "tokenizer_slm.json"):
         shutil.copy(src / f, dst / f)
     cmd = [sys.executable, "-m", "src", "prepare", "--config", str(cfg_path), "--data-root",
            str(root), "--workers", str(workers), "--no-progress"]
