@@ -69,9 +69,10 @@ class Tokenizer:
         """encode_batch on this thread only (preparation runs one tokenizer per process)."""
         return self.encode_batch(texts)
 
-    def encode_audited(self, texts: list[str]) -> tuple[list[list[int]], np.ndarray]:
-        """encode_serial, and per text: 0 not checked, 1 checked against a second engine and
-        equal, 2 checked and different (the reference engine's tokens are returned)."""
+    def encode_audited(self, texts: list[str]) -> tuple[list, np.ndarray]:
+        """encode_serial (each text's ids as a list or a 1-D integer array), and per text: 0 not
+        checked, 1 checked against a second engine and equal, 2 checked and different (the
+        reference engine's ids are returned)."""
         return self.encode_serial(texts), np.zeros(len(texts), np.int8)
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -224,12 +225,18 @@ class BPETokenizer(Tokenizer):
         return self._slow(texts)
 
     def encode_audited(self, texts):
-        ids, flags = self.encode_serial(texts), np.zeros(len(texts), np.int8)
+        flags = np.zeros(len(texts), np.int8)
         if self.engine != "tiktoken":
-            return ids, flags
+            return self._slow([clean(t) for t in texts]), flags
+        texts = [clean(t) for t in texts]
+        to_numpy = getattr(self._fast, "encode_to_numpy", None)  # no Python ints: faster
+        if to_numpy:  # no special tokens allowed or refused: the same as encode_ordinary
+            ids = [to_numpy(t, allowed_special=set(), disallowed_special=()) for t in texts]
+        else:
+            ids = [self._fast.encode_ordinary(t) for t in texts]
         check = [k for k, t in enumerate(texts) if audited(t)]
-        for k, ref in zip(check, self._slow([clean(texts[k]) for k in check])):
-            flags[k] = 1 if ids[k] == ref else 2
+        for k, ref in zip(check, self._slow([texts[k] for k in check])):
+            flags[k] = 1 if np.array_equal(ids[k], ref) else 2
             ids[k] = ref
         return ids, flags
 

@@ -16,7 +16,6 @@ import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from itertools import chain
 
 import numpy as np
 
@@ -35,11 +34,15 @@ def encode(tok, texts: list[str], ends: list[bool]):
             texts[k] = toklib.clean(t)
             nbytes[k] = len(texts[k].encode("utf-8"))
     ids, audit = tok.encode_audited(texts)
-    for x, e in zip(ids, ends, strict=True):
+    lens = np.fromiter((len(x) + e for x, e in zip(ids, ends, strict=True)), np.int64, len(ids))
+    flat = np.empty(int(lens.sum()), tok.dtype)
+    at = 0
+    for x, e in zip(ids, ends):
+        flat[at : at + len(x)] = x  # lists or arrays (ids < vocab_size: the cast is exact)
+        at += len(x)
         if e:
-            x.append(tok.eot_id)
-    lens = np.fromiter(map(len, ids), np.int64, len(ids))
-    flat = np.fromiter(chain.from_iterable(ids), tok.dtype, int(lens.sum()))
+            flat[at] = tok.eot_id
+            at += 1
     return flat, lens, nbytes, audit
 
 
