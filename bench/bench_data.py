@@ -6,10 +6,11 @@ and the loader's batches/s and tokens/s.
     python bench/bench_data.py --repeat 10 --tokenizer char     # 10x the corpus: flat memory
 
 The tokenizer is trained once (not timed); each preparation then runs as `slm prepare` in its own
-process while this script samples the memory of that process and its workers (PSS, so pages the
-workers share with their parent are counted once). Throughput is the text (UTF-8 MB) and tokens
-over the tokenizing time the manifest records; the worker counts alternate for --rounds rounds and
-the best run of each is shown, since other jobs on a shared machine make single runs noisy.
+process. Throughput is the text (UTF-8 MB) and tokens over the tokenizing time the manifest
+records; the worker counts alternate for --rounds rounds and the best run of each is shown, since
+other jobs on a shared machine make single runs noisy. Memory is measured in one more run per
+worker count, sampling the process and its workers (PSS, so pages the workers share with their
+parent are counted once): sampling costs CPU, so the timed runs are left alone.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from common import header  # noqa: E402
 
 from src.data import sources  # noqa: E402
 from src.data.loader import BatchLoader  # noqa: E402
@@ -85,14 +89,23 @@ def _corpus(source: str, repeat: int, tmp: Path) -> str:
     return str(d)
 
 
-def bench_prepare(cfg_path, overrides, base: Path, root: Path, workers: int) -> dict:
-    """Run `slm prepare` on a copy of the planned dataset; time it and sample its memory."""
+def _copy_plan(cfg_path, overrides, base: Path, root: Path) -> Path:
+    """A fresh data root holding the planned dataset's plan and tokenizer (not its shards)."""
     cfg = load_config(cfg_path, overrides)
     src, dst = dataset_dir(cfg.data, base), dataset_dir(cfg.data, root)
     shutil.rmtree(root, ignore_errors=True)
     dst.mkdir(parents=True)
-    for f in ("plan.json", "tokenizer.json"):
-        shutil.copy(src / f, dst / f)
+    for f in ("plan.json", "tokenizer.json", "tokenizer_slm.json"):
+        if (src / f).is_file():
+            shutil.copy(src / f, dst / f)
+    return dst
+
+
+def bench_prepare(cfg_path, overrides, base: Path, root: Path, workers: int,
+                  memory: bool = False) -> dict:
+    """Run `slm prepare` on a copy of the planned dataset and time it; with memory, also sample
+    the memory of it and its workers (which costs CPU: not for the timed runs)."""
+    dst = _copy_plan(cfg_path, overrides, base, root)
     cmd = [sys.executable, "-m", "src", "prepare", "--config", str(cfg_path), "--data-root",
            str(root), "--workers", str(workers), "--no-progress"]
     cmd += [f"--{o}" for o in overrides]
@@ -104,9 +117,10 @@ def bench_prepare(cfg_path, overrides, base: Path, root: Path, workers: int) -> 
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)  # usage: with the reaped workers
         if pid:
             break
-        main_cpu = _own_cpu(proc.pid) or main_cpu
-        pss, rss = _memory(proc.pid)
-        peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
+        main_cpu = _own_cpu(proc.pid) or main_cpu  # one small /proc read
+        if memory:
+            pss, rss = _memory(proc.pid)
+            peak_pss, peak_rss = max(peak_pss, pss), max(peak_rss, rss)
         time.sleep(0.05)
     out = proc.stdout.read()
     if os.waitstatus_to_exitcode(status):
@@ -115,11 +129,13 @@ def bench_prepare(cfg_path, overrides, base: Path, root: Path, workers: int) -> 
     secs = m["seconds"]["tokenize"]
     nbytes = m["train"]["bytes"] + m["val"]["bytes"]
     tokens = m["train"]["tokens"] + m["val"]["tokens"]
+    checked = {k: m["train"].get(k, 0) + m["val"].get(k, 0) for k in ("audited", "fallback")}
     return {"workers": workers, "seconds": secs, "wall": time.time() - t0,
             "mb_s": nbytes / 1e6 / secs, "tok_s": tokens / secs, "pss": peak_pss,
             "rss": peak_rss, "bytes": nbytes, "tokens": tokens, "dir": dst,
             "cpu": usage.ru_utime + usage.ru_stime, "main_cpu": main_cpu,
-            "vocab": m["tokenizer"]["vocab_size"]}
+            "vocab": m["tokenizer"]["vocab_size"],
+            "engine": m["tokenizer"].get("engine", "?"), **checked}
 
 
 def bench_loader(ds_dir: Path, seq_len: int, batch_size: int, seconds: float = 3.0) -> dict:
@@ -142,7 +158,7 @@ def main() -> None:
     ap.add_argument("--workers", default=None, help="worker counts, e.g. 1,2 (default: 1,all)")
     ap.add_argument("--shard-tokens", type=int, default=100_000_000)
     ap.add_argument("--tokenizer", default=None, help="data.tokenizer (default: the config's)")
-    ap.add_argument("--rounds", type=int, default=2,
+    ap.add_argument("--rounds", type=int, default=3,
                     help="alternate the worker counts this many times; the best run of each counts "
                          "(other jobs on the machine make single runs noisy)")
     args = ap.parse_args()
@@ -165,32 +181,36 @@ def main() -> None:
                 r = bench_prepare(args.config, overrides, tmp / "base", tmp / f"w{n}", n)
                 if n not in best or r["seconds"] < best[n]["seconds"]:
                     best[n] = r
-                best[n]["pss"] = max(best[n]["pss"], r["pss"])
-                best[n]["rss"] = max(best[n]["rss"], r["rss"])
-        rows = [best[n] for n in counts]
         load1 = os.getloadavg()[0]
+        for n in counts:  # memory: one sampled run each
+            r = bench_prepare(args.config, overrides, tmp / "base", tmp / f"m{n}", n, memory=True)
+            best[n]["pss"], best[n]["rss"] = r["pss"], r["rss"]
+        rows = [best[n] for n in counts]
         loader = bench_loader(rows[-1]["dir"], cfg.seq_len, cfg.training.batch_size)
 
     first = rows[0]
+    print(header())
     print(f"corpus: {args.source} x{args.repeat}: {first['bytes'] / 1e6:.1f} MB of text, "
-          f"{first['tokens']:,} tokens ({cfg.data.tokenizer}, vocab {first['vocab']:,}); "
-          f"tokenizer trained in {t_plan:.1f} s (not timed below)")
-    print(f"machine: {cores} cores, load average {load0:.1f} before / {load1:.1f} after")
+          f"{first['tokens']:,} tokens ({cfg.data.tokenizer}, vocab {first['vocab']:,}, encoded "
+          f"with {first['engine']}); tokenizer trained in {t_plan:.1f} s (not timed below)")
+    if first["audited"]:
+        print(f"checked against `tokenizers`: {first['audited']:,} texts, "
+              f"{first['fallback']:,} differed (tokenizers' ids kept for those)")
+    print(f"load average {load0:.1f} before / {load1:.1f} after the timed runs ({cores} cores)")
     print(f"{'workers':>7} {'tokenize s':>10} {'wall s':>7} {'CPU s':>6} {'main':>5} {'MB/s':>6} "
-          f"{'tokens/s':>10} {'speed-up':>8} {'peak PSS':>9} {'max RSS':>8}")
+          f"{'MB/s/worker':>11} {'tokens/s':>10} {'speed-up':>8} {'peak PSS':>9} {'max RSS':>8}")
     for r in rows:
-        print(f"{r['workers']:>7} {r['seconds']:>10.1f} {r['wall']:>7.1f} {r['cpu']:>6.1f} "
-              f"{r['main_cpu']:>5.1f} "
-              f"{r['mb_s']:>6.2f} {r['tok_s']:>10,.0f} {r['mb_s'] / first['mb_s']:>7.2f}x "
+        print(f"{r['workers']:>7} {r['seconds']:>10.2f} {r['wall']:>7.1f} {r['cpu']:>6.1f} "
+              f"{r['main_cpu']:>5.1f} {r['mb_s']:>6.2f} {r['mb_s'] / r['workers']:>11.2f} "
+              f"{r['tok_s']:>10,.0f} {r['mb_s'] / first['mb_s']:>7.2f}x "
               f"{r['pss'] / 2**20:>6,.0f} MB {r['rss'] / 2**20:>5,.0f} MB")
-    print(f"(best of {args.rounds} alternating runs each; peak memory over all of them; wall and "
-          "CPU s include starting Python and loading the shards; main: CPU s of the parent "
-          "process alone, the serial share of the work)")
+    print(f"(best of {args.rounds} alternating runs each; memory from one more run each, sampled "
+          "every 50 ms; wall and CPU s include starting Python and loading the shards; main: CPU "
+          "s of the parent process alone, the serial share of the work)")
     ratio = loader["tok_s"] / TINY_TRAIN_TOKENS_S
     print(f"loader (batch {cfg.training.batch_size} x seq {cfg.seq_len}): "
           f"{loader['batches_s']:,.0f} batches/s, {loader['tok_s']:,.0f} tokens/s "
           f"= {ratio:,.0f}x the tiny config's ~{TINY_TRAIN_TOKENS_S:,} training tokens/s")
-    print("command: python bench/bench_data.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -9,11 +9,17 @@ import torch
 
 from src import checkpoint as ckpt
 from src.cli import main
-from src.data.tokenizer import EOT, BPETokenizer, ByteTokenizer, CharTokenizer
+from src.data.tokenizer import (
+    EOT,
+    BPETokenizer,
+    ByteTokenizer,
+    CharTokenizer,
+    tiktoken_to_tokenizers,
+)
 from src.errors import SLMError
 from src.model.gpt import GPT
 from src.model.hf import from_hf, shape_from_hf
-from src.tools.export import export_hf, tiktoken_to_tokenizers
+from src.tools.export import export_hf
 from src.tools.sample import load_model
 from src.training.config import apply_overrides, read_yaml, validate_config
 from src.training.init_from import resolve_init

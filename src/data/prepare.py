@@ -299,7 +299,7 @@ def plan(cfg, data_root: str | Path, log=print) -> list[dict]:
     parts, info, vinfo = make_parts(d, data_root, log)
     out.mkdir(parents=True, exist_ok=True)
     tok_path = out / "tokenizer.json"
-    if tok_path.is_file():  # an earlier plan stopped after saving it: keep the very same tokenizer
+    if toklib.saved(tok_path):  # an earlier plan stopped after saving it: keep the very same one
         tok = toklib.load(tok_path)
     else:
         t1 = time.time()
@@ -323,7 +323,9 @@ def _val_split(d) -> str:
 
 
 def _zero() -> dict:
-    return {"documents": 0, "chars": 0, "bytes": 0, "tokens": 0}
+    """A split's counts; audited/fallback: texts encoded with both tokenizer engines / of those,
+    texts where the engines differed and `tokenizers`' tokens were kept."""
+    return {"documents": 0, "chars": 0, "bytes": 0, "tokens": 0, "audited": 0, "fallback": 0}
 
 
 class _SplitWriter:
@@ -334,18 +336,21 @@ class _SplitWriter:
         self.tok, self.size = tok, shard_tokens
         self.resume = resume or {"shards": [], "next_item": 0, "skip": 0, "stats": _zero()}
         self.shards = list(self.resume["shards"])
-        self.stats = dict(self.resume["stats"])
+        self.stats = _zero() | self.resume["stats"]  # (progress files of older slm lack keys)
         self.next_item, self.skip = self.resume["next_item"], self.resume["skip"]
         self.w: ShardWriter | None = None
         self.changed = False
 
-    def add(self, idx: int, toks: np.ndarray, nchars: int, nbytes: int, ends: bool) -> None:
+    def add(self, idx: int, toks: np.ndarray, nchars: int, nbytes: int, ends: bool,
+            audit: int = 0) -> None:
         before = dict(self.stats)
         s = self.stats
         s["documents"] += int(ends)
         s["chars"] += nchars
         s["bytes"] += nbytes
         s["tokens"] += len(toks)
+        s["audited"] += int(audit > 0)
+        s["fallback"] += int(audit == 2)
         off = self.skip if idx == self.next_item else 0  # a resumed item: its head is in a shard
         self.skip = 0
         while off < len(toks):
@@ -436,11 +441,11 @@ def _run_part(cfg, out: Path, part: dict, tok, pool, n: int, bar: Progress, log)
     progress_path = out / f"part_{i:04d}.progress.json"
     try:
         batches = _batches(part_items(part, cfg.data), writers)
-        for meta, (flat, lens, nbytes) in tokenized(batches, tok, pool, n):
+        for meta, (flat, lens, nbytes, audit) in tokenized(batches, tok, pool, n):
             ends = np.cumsum(lens)
             for k, (idx, split, nchars, end_doc) in enumerate(meta):
                 toks = flat[ends[k] - lens[k] : ends[k]]
-                writers[split].add(idx, toks, nchars, int(nbytes[k]), end_doc)
+                writers[split].add(idx, toks, nchars, int(nbytes[k]), end_doc, int(audit[k]))
             if any(w.changed for w in writers.values()):
                 state = {"tokenizer": tok.id} | {s: w.resume for s, w in writers.items()}
                 _write_json(progress_path, state)
@@ -462,7 +467,7 @@ def _run_part(cfg, out: Path, part: dict, tok, pool, n: int, bar: Progress, log)
 
 
 def _tokenizer_for(out: Path) -> toklib.Tokenizer:
-    if not (out / "tokenizer.json").is_file():
+    if not toklib.saved(out / "tokenizer.json"):
         raise SLMError(f"{out}: no tokenizer.json yet; run plan() (or `slm prepare`) first")
     return toklib.load(out / "tokenizer.json")
 
@@ -506,7 +511,7 @@ def finalize(cfg, data_root: str | Path, results: list[dict], log=print) -> Data
             got[part["index"]] = _read_json(path)
     ordered = [got[part["index"]] for part in p["parts"]]
     shards = {s: [sh for r in ordered for sh in r["shards"] if sh["split"] == s] for s in SPLITS}
-    stats = {s: {k: sum(r[s][k] for r in ordered) for k in _zero()} for s in SPLITS}
+    stats = {s: {k: sum(r[s].get(k, 0) for r in ordered) for k in _zero()} for s in SPLITS}
     if stats["train"]["chars"] == 0:  # (empty documents still count an end-of-text token)
         raise SLMError(f"data.source {d.source}: no text found (the files are empty); "
                        "point data.source at files that hold text")
@@ -522,7 +527,8 @@ def finalize(cfg, data_root: str | Path, results: list[dict], log=print) -> Data
         "source": p["source"],
         "val_source": p["val_source"],
         "tokenizer": {"kind": tok.kind, "id": tok.id, "vocab_size": tok.vocab_size,
-                      "file": "tokenizer.json"},
+                      "file": "tokenizer.json", "record": toklib.meta_path("tokenizer.json").name,
+                      "engine": tok.engine},
         "dtype": np.dtype(tok.dtype).name,
         "shard_tokens": d.shard_tokens,
         "parts": len(ordered),
@@ -538,6 +544,10 @@ def finalize(cfg, data_root: str | Path, results: list[dict], log=print) -> Data
         f"{st['tokens']:,} / {sv['tokens']:,} tokens in {len(shards['train'])} + "
         f"{len(shards['val'])} shards ({tok.kind}, vocab {tok.vocab_size:,}, {manifest['dtype']})"
     )
+    audited, fallback = st["audited"] + sv["audited"], st["fallback"] + sv["fallback"]
+    if audited:
+        log(f"tokenized with {tok.engine}; {audited:,} texts checked against `tokenizers`: "
+            f"{fallback:,} differed (tokenizers' tokens kept for those)")
     return load_dataset(out)
 
 

@@ -16,7 +16,6 @@ import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
-from itertools import chain
 
 import numpy as np
 
@@ -24,21 +23,27 @@ from src.data import tokenizer as toklib
 
 
 def encode(tok, texts: list[str], ends: list[bool]):
-    """Token ids of each text (+ end-of-text where a document ends), flat; lengths; UTF-8 bytes."""
+    """Token ids of each text (+ end-of-text where a document ends), flat; lengths; UTF-8 bytes;
+    and per text 0/1/2: not audited / audited, engines agree / audited, they differ (see
+    tokenizer.Tokenizer.encode_audited)."""
     nbytes = np.empty(len(texts), np.int64)
     for k, t in enumerate(texts):
         try:
             nbytes[k] = len(t.encode("utf-8"))
         except UnicodeEncodeError:  # lone surrogates (e.g. from JSON): replace them
-            texts[k] = t.encode("utf-8", "replace").decode("utf-8")
+            texts[k] = toklib.clean(t)
             nbytes[k] = len(texts[k].encode("utf-8"))
-    ids = tok.encode_serial(texts)
-    for x, e in zip(ids, ends, strict=True):
+    ids, audit = tok.encode_audited(texts)
+    lens = np.fromiter((len(x) + e for x, e in zip(ids, ends, strict=True)), np.int64, len(ids))
+    flat = np.empty(int(lens.sum()), tok.dtype)
+    at = 0
+    for x, e in zip(ids, ends):
+        flat[at : at + len(x)] = x  # lists or arrays (ids < vocab_size: the cast is exact)
+        at += len(x)
         if e:
-            x.append(tok.eot_id)
-    lens = np.fromiter(map(len, ids), np.int64, len(ids))
-    flat = np.fromiter(chain.from_iterable(ids), tok.dtype, int(lens.sum()))
-    return flat, lens, nbytes
+            flat[at] = tok.eot_id
+            at += 1
+    return flat, lens, nbytes, audit
 
 
 _WORKER_TOK = None
@@ -91,7 +96,7 @@ def workers(tok, n: int):
 
 
 def tokenized(batches, tok, pool, n: int):
-    """(meta, (tokens, lengths, bytes)) per batch, in order; at most 2n batches in flight."""
+    """(meta, (tokens, lengths, bytes, audit)) per batch, in order; at most 2n batches in flight."""
     if pool is None:
         for meta, texts in batches:
             yield meta, encode(tok, texts, [m[3] for m in meta])

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from src.checkpoint import load_model, save_safetensors
-from src.data.tokenizer import EOT
+from src.data.tokenizer import EOT, tokenizers_object
 from src.errors import SLMError
 from src.model.hf import hf_config, to_hf
 
@@ -82,76 +82,6 @@ def export_hf(model, tok, out_dir, dtype=torch.float32) -> Path:
     tc.write_text(json.dumps({**json.loads(tc.read_text()),
                               "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
     return out
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's map of the 256 byte values to printable characters (byte-level BPE's alphabet)."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-          *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-def tiktoken_to_tokenizers(enc, eot: str = EOT):
-    """A `tokenizers` byte-level BPE equal to a tiktoken encoding with GPT-2's split pattern."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    b2u = bytes_to_unicode()
-    ranks = enc._mergeable_ranks
-    spell = lambda b: "".join(b2u[x] for x in b)  # noqa: E731
-
-    def last_merge(token: bytes, rank: int):
-        parts = [bytes([x]) for x in token]  # replay BPE with merges ranked below this token's
-        while len(parts) > 2:
-            merged = [ranks.get(parts[i] + parts[i + 1], rank) for i in range(len(parts) - 1)]
-            best = min(range(len(merged)), key=merged.__getitem__)
-            if merged[best] >= rank:
-                break
-            parts[best : best + 2] = [parts[best] + parts[best + 1]]
-        return parts
-
-    vocab = {spell(t): r for t, r in ranks.items()}
-    merges = []
-    for t, r in sorted(ranks.items(), key=lambda x: x[1]):
-        if len(t) > 1:
-            parts = last_merge(t, r)
-            if len(parts) == 2:
-                merges.append((spell(parts[0]), spell(parts[1])))
-    hf = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    hf.decoder = decoders.ByteLevel()
-    hf.add_special_tokens([AddedToken(eot, special=True)])
-    return hf
-
-
-def tokenizers_object(tok):
-    """Our tokenizer as a Hugging Face `tokenizers.Tokenizer` with the same ids."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-
-    if tok.kind == "bpe":
-        return Tokenizer.from_str(tok.tok.to_str())
-    if tok.kind == "gpt2":
-        return tiktoken_to_tokenizers(tok.enc)
-    if tok.kind == "bytes":  # one token per byte, ids = byte values: BPE without merges
-        b2u = bytes_to_unicode()
-        hf = Tokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)} | {EOT: 256}, merges=[]))
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-        hf.decoder = decoders.ByteLevel()
-    elif tok.kind == "char":  # one token per character
-        if EOT in tok.stoi:
-            raise SLMError("this char tokenizer cannot be exported: it has a character named "
-                           f"{EOT!r}")
-        hf = Tokenizer(models.BPE(vocab={**tok.stoi, EOT: tok.eot_id}, merges=[]))
-        hf.decoder = decoders.Fuse()
-    else:
-        raise SLMError(f"tokenizer kind {tok.kind!r} cannot be exported")
-    hf.add_special_tokens([AddedToken(EOT, special=True)])
-    return hf
 
 
 def hf_tokenizer(tok, block_size: int):
