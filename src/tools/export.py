@@ -1,4 +1,5 @@
-"""`slm export CHECKPOINT --to hf OUT_DIR | --to safetensors OUT`: take a model elsewhere.
+"""`slm export CHECKPOINT --to hf OUT_DIR | --to safetensors OUT | --to gguf OUT.gguf`: take a
+model elsewhere.
 
     slm export data/models/tiny_final.pt --to hf exported/tiny
     python -c "from transformers import AutoModelForCausalLM, AutoTokenizer; \\
@@ -14,6 +15,9 @@ other option mixes are refused by name (see src/model/hf.py). Needs the `transfo
 --to safetensors writes our own weights (model.safetensors naming as in src/model/gpt.py) and a
 JSON file beside them (same name, .json) with the run's config and tokenizer; `slm sample` and
 `slm eval` read the pair directly.
+
+--to gguf writes one file for llama.cpp and Ollama (weights, tokenizer; src/tools/gguf.py and
+docs/gguf.md); it refuses to replace an existing file unless --force. Needs the `gguf` package.
 """
 
 from __future__ import annotations
@@ -33,11 +37,14 @@ SAFETENSORS_FORMAT = "slm-safetensors-v1"
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "export", help="write a checkpoint as a Hugging Face model folder or as safetensors",
+        "export", help="write a checkpoint as a Hugging Face model folder, safetensors or GGUF",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a step_N.pt, final.pt or models/<name>_final.pt")
-    p.add_argument("out", help="OUT_DIR for --to hf; a .safetensors file for --to safetensors")
-    p.add_argument("--to", required=True, choices=["hf", "safetensors"], help="output format")
+    p.add_argument("out", help="OUT_DIR for --to hf; a .safetensors file for --to safetensors; "
+                   "a .gguf file for --to gguf (llama.cpp, Ollama: see src/tools/gguf.py)")
+    p.add_argument("--to", required=True, choices=["hf", "safetensors", "gguf"],
+                   help="output format")
+    p.add_argument("--force", action="store_true", help="--to gguf: overwrite an existing OUT")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="weight precision of the export (default float32, as trained)")
     p.set_defaults(fn=cmd_export)
@@ -54,6 +61,12 @@ def cmd_export(args, extra) -> int:
         print(f"wrote {out} ({model.num_params() / 1e6:.2f}M params); load it with\n"
               f"  AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
               f"  AutoTokenizer.from_pretrained({str(out)!r})")
+    elif args.to == "gguf":
+        from src.tools.gguf import export_gguf
+
+        out = export_gguf(model, tok, args.out, DTYPES[args.dtype], force=args.force, name=cfg.name)
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); run it with\n"
+              f"  llama-cli -m {out} -p 'Once upon a time' -n 64")
     else:
         out = export_safetensors(model, tok, cfg, args.out, DTYPES[args.dtype])
         print(f"wrote {out} and {out.with_suffix('.json')}")
