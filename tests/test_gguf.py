@@ -53,7 +53,7 @@ def test_transformers_reads_the_gguf_as_the_same_model(tmp_path, capsys, kind, o
     model = save_checkpoint(tmp_path / "m.pt", tok, **opts)
     out = tmp_path / "m.gguf"
     assert main(["export", str(tmp_path / "m.pt"), "--to", "gguf", str(out)]) == 0
-    assert "llama-cli -m" in capsys.readouterr().out
+    assert f"-m {out}" in capsys.readouterr().out  # how to run it
     hf, hf_tok = load_gguf(out)
     assert type(hf).__name__ == arch
     ids = hf_tok(TEXT, return_tensors="pt").input_ids
@@ -192,3 +192,12 @@ def test_float16_refuses_weights_beyond_its_range(tmp_path):
         export_gguf(model, tok, tmp_path / "m.gguf", dtype=torch.float16)
     assert not (tmp_path / "m.gguf").exists()
     export_gguf(model, tok, tmp_path / "m.gguf", dtype=torch.bfloat16)  # its range is float32's
+
+
+def test_without_the_gguf_package_the_error_says_what_to_install(tmp_path, capsys, monkeypatch):
+    import sys
+
+    save_checkpoint(tmp_path / "m.pt", make_tokenizer("bytes"))
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if not installed
+    assert main(["export", str(tmp_path / "m.pt"), "--to", "gguf", str(tmp_path / "m.gguf")]) == 2
+    assert "pip install gguf" in capsys.readouterr().err

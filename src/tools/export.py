@@ -41,7 +41,7 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a step_N.pt, final.pt or models/<name>_final.pt")
     p.add_argument("out", help="OUT_DIR for --to hf; a .safetensors file for --to safetensors; "
-                   "a .gguf file for --to gguf (llama.cpp, Ollama: see src/tools/gguf.py)")
+                   "a .gguf file for --to gguf (llama.cpp, Ollama: see docs/gguf.md)")
     p.add_argument("--to", required=True, choices=["hf", "safetensors", "gguf"],
                    help="output format")
     p.add_argument("--force", action="store_true", help="--to gguf: overwrite an existing OUT")
@@ -65,8 +65,9 @@ def cmd_export(args, extra) -> int:
         from src.tools.gguf import export_gguf
 
         out = export_gguf(model, tok, args.out, DTYPES[args.dtype], force=args.force, name=cfg.name)
-        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); run it with\n"
-              f"  llama-cli -m {out} -p 'Once upon a time' -n 64")
+        print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); run it with llama.cpp:\n"
+              f"  llama-completion -m {out} -no-cnv -p 'Once upon a time' -n 64\n"
+              "or in Ollama (a Modelfile): see docs/gguf.md")
     else:
         out = export_safetensors(model, tok, cfg, args.out, DTYPES[args.dtype])
         print(f"wrote {out} and {out.with_suffix('.json')}")

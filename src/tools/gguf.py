@@ -2,7 +2,7 @@
 
     slm export data/models/tiny_final.pt --to gguf exported/tiny.gguf
     slm export data/models/tiny_final.pt --to gguf exported/tiny-f16.gguf --dtype float16
-    llama-cli -m exported/tiny.gguf -p "def main(" -n 64
+    llama-completion -m exported/tiny.gguf -no-cnv -p "def main(" -n 64   # llama.cpp
 
 The file holds the weights, the shape (llama.cpp's metadata keys) and the tokenizer (byte-level
 BPE, llama.cpp's "gpt2" tokenizer model), and the chat template when one is given. The
