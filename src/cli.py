@@ -133,7 +133,7 @@ def cmd_export(args, extra) -> int:
     _no_extra("export", extra)
     from src.tools.export import export
 
-    print(export(args.checkpoint, args.out, args.to, args.dtype))
+    print(export(args.checkpoint, args.out, args.to, args.dtype, force=args.force))
     return 0
 
 
@@ -250,11 +250,14 @@ def _add_export(sub) -> None:
     from src.tools.export import DTYPES
 
     p = sub.add_parser(
-        "export", help="write a checkpoint as a Hugging Face model folder or as safetensors",
+        "export", help="write a checkpoint as a Hugging Face model folder, safetensors or GGUF",
         description=_doc("src.tools.export"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a step_N.pt, final.pt or models/<name>_final.pt")
-    p.add_argument("out", help="OUT_DIR for --to hf; a .safetensors file for --to safetensors")
-    p.add_argument("--to", required=True, choices=["hf", "safetensors"], help="output format")
+    p.add_argument("out", help="OUT_DIR for --to hf; a .safetensors file for --to safetensors; "
+                   "a .gguf file for --to gguf (llama.cpp, Ollama: see docs/gguf.md)")
+    p.add_argument("--to", required=True, choices=["hf", "safetensors", "gguf"],
+                   help="output format")
+    p.add_argument("--force", action="store_true", help="--to gguf: overwrite an existing OUT")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="weight precision of the export (default float32, as trained)")
     p.set_defaults(fn=cmd_export)

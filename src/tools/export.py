@@ -1,4 +1,5 @@
-"""`slm export CHECKPOINT --to hf OUT_DIR | --to safetensors OUT`: take a model elsewhere.
+"""`slm export CHECKPOINT --to hf OUT_DIR | --to safetensors OUT | --to gguf OUT.gguf`: take a
+model elsewhere.
 
     slm export data/models/tiny_final.pt --to hf exported/tiny
     python -c "from transformers import AutoModelForCausalLM, AutoTokenizer; \\
@@ -14,6 +15,9 @@ other option mixes are refused by name (see src/model/hf.py). Needs the `transfo
 --to safetensors writes our own weights (model.safetensors naming as in src/model/gpt.py) and a
 JSON file beside them (same name, .json) with the run's config and tokenizer; `slm sample` and
 `slm eval` read the pair directly.
+
+--to gguf writes one file for llama.cpp and Ollama (weights, tokenizer; src/tools/gguf.py and
+docs/gguf.md); it refuses to replace an existing file unless --force. Needs the `gguf` package.
 """
 
 from __future__ import annotations
@@ -31,20 +35,27 @@ from src.model.hf import hf_config, to_hf
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def export(checkpoint, out, to: str, dtype: str = "float32") -> str:
+def export(checkpoint, out, to: str, dtype: str = "float32", force: bool = False) -> str:
     """`slm export`: write a checkpoint in another format; returns what to tell the user."""
     if dtype not in DTYPES:
         raise SLMError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    if to not in ("hf", "safetensors", "gguf"):
+        raise SLMError(f"--to {to}: use hf, safetensors or gguf")
     model, tok, config = load_model(checkpoint, "cpu")
     if to == "hf":
         out = export_hf(model, tok, out, DTYPES[dtype])
         return (f"wrote {out} ({model.num_params() / 1e6:.2f}M params); load it with\n"
                 f"  AutoModelForCausalLM.from_pretrained({str(out)!r})\n"
                 f"  AutoTokenizer.from_pretrained({str(out)!r})")
-    if to == "safetensors":
-        out = save_safetensors(model, tok, config, out, DTYPES[dtype])
-        return f"wrote {out} and {out.with_suffix('.json')}"
-    raise SLMError(f"--to {to}: use hf or safetensors")
+    if to == "gguf":
+        from src.tools.gguf import export_gguf
+
+        out = export_gguf(model, tok, out, DTYPES[dtype], force=force, name=config.get("name"))
+        return (f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); run it with llama.cpp:\n"
+                f"  llama-completion -m {out} -no-cnv -p 'Once upon a time' -n 64\n"
+                "or in Ollama (a Modelfile): see docs/gguf.md")
+    out = save_safetensors(model, tok, config, out, DTYPES[dtype])
+    return f"wrote {out} and {out.with_suffix('.json')}"
 
 
 # ----------------------------------------------------------------------------- Hugging Face
