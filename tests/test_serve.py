@@ -15,6 +15,7 @@ import threading
 import time
 
 import httpx
+import torch
 import openai
 import pytest
 from conftest import ROOT, run_cli
@@ -419,3 +420,26 @@ def test_find_model_by_run_name_or_newest(tmp_path):
     assert find_model(tmp_path, "c") == run / "step_200.pt"
     with pytest.raises(SLMError, match="runs with a final model: a, b"):
         find_model(tmp_path, "zzz")
+
+
+def test_bfloat16_weights_serve_a_rope_model(tmp_path):
+    """The dtype GPUs get by default (bfloat16), here on the CPU, with RoPE tables kept exact."""
+    from starlette.testclient import TestClient
+
+    from src import checkpoint as ckpt
+    from src.model.gpt import GPT
+    from src.training.config import validate_config
+
+    cfg = validate_config({"name": "rope", "data": {"tokenizer": "bytes"}, "model": {
+        "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 64, "pos_emb": "rope",
+        "norm": "rmsnorm", "mlp": "swiglu", "bias": False}})
+    ckpt.save({"model_state_dict": GPT(cfg.model).state_dict(), "config": cfg.to_dict(),
+               "tokenizer": TOK.to_dict()}, tmp_path / "r.pt")
+    app = make_app(tmp_path / "r.pt", device="cpu", dtype="bfloat16", log=lambda *a: None)
+    model = app.state.server.engine.model
+    assert model.lm_head.weight.dtype == torch.bfloat16 and model.rope_cos.dtype == torch.float32
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 12, "n": 2,
+                                            "ignore_eos": True})
+    assert r.status_code == 200
+    assert [c["finish_reason"] for c in r.json()["choices"]] == ["length", "length"]

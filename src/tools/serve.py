@@ -331,16 +331,13 @@ def _error_handlers(log) -> dict:
 
 
 def make_app(checkpoint_path, api_key: str | None = None, device: str = "auto",
-             dtype: str = "auto", max_batch: int = 16, max_body: int = MAX_BODY,
-             max_tokens: int | None = None, log=print):
+             dtype: str = "auto", log=print, **kw):
     """The ASGI app (Starlette) serving one checkpoint; `app.state.server` holds its parts.
 
     dtype: auto (bfloat16 on a CUDA GPU that has it, else float32), float32 or bfloat16.
-    max_tokens: the largest max_tokens a request may ask for (default: the model's context).
+    Other keywords go to `build_app` (max_batch, max_body, max_tokens).
     """
     import torch
-    from starlette.applications import Starlette
-    from starlette.routing import Route
 
     from src.hardware import resolve_device
     from src.tools.sample import load_model
@@ -350,9 +347,26 @@ def make_app(checkpoint_path, api_key: str | None = None, device: str = "auto",
     if dtype == "auto":
         dtype = "bfloat16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     model = model.to(getattr(torch, dtype))
-    server = Server(model, tok, cfg.name, api_key, max_batch, max_body, max_tokens, log)
-    log(f"model '{cfg.name}': {model.num_params() / 1e6:.1f}M parameters, context "
-        f"{cfg.model.block_size} tokens, {dev.type} {dtype}, up to {max_batch} sequences at once")
+    for table in ("rope_cos", "rope_sin"):  # positions stay exact in float32 (as in training)
+        if hasattr(model, table):
+            setattr(model, table, getattr(model, table).float())
+    return build_app(model, tok, cfg.name, api_key, log=log, **kw)
+
+
+def build_app(model, tok, name: str, api_key: str | None = None, max_batch: int = 16,
+              max_body: int = MAX_BODY, max_tokens: int | None = None, log=print):
+    """The ASGI app for a model already in memory (eval mode, on its device).
+
+    max_tokens: the largest max_tokens a request may ask for (default: the model's context).
+    """
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    server = Server(model, tok, name, api_key, max_batch, max_body, max_tokens, log)
+    p = next(model.parameters())
+    log(f"model '{name}': {model.num_params() / 1e6:.1f}M parameters, context "
+        f"{model.cfg.block_size} tokens, {p.device.type} {str(p.dtype).removeprefix('torch.')}, "
+        f"up to {max_batch} sequences at once")
     if server.chat_format == "plain":
         log("chat: a base model; /v1/chat/completions renders messages as plain "
             "'User: ...' / 'Assistant:' text (docs/serve.md)")
