@@ -640,3 +640,45 @@ def main(config: str = DEFAULT_CONFIG, gpu: str = "", set: str = "", name: str =
     report(out)
     if out.get("error"):
         sys.exit(1)
+
+
+# ----------------------------------------------------------------------------- serving (slm serve)
+# `modal deploy modal_app.py` also deploys `serve`: the OpenAI-compatible API and chat page of
+# `slm serve` (docs/serve.md), for a model on the volume, on a GPU, scaled to zero when idle.
+#   modal secret create slm-api SLM_API_KEY=<a long random key>    # once: the key clients send
+#   SLM_SERVE_RUN=my-run SLM_SERVE_GPU=L4 modal deploy modal_app.py
+# SLM_SERVE_RUN picks the run (models/<run>_final.pt, else its newest checkpoint); unset, the
+# newest models/*_final.pt. SLM_SERVE_GPU (default T4; "cpu" for none) and
+# SLM_SERVE_MAX_CONTAINERS (default 1) are read at deploy time.
+SERVE_SECRET = "slm-api"  # a Modal secret that provides SLM_API_KEY
+SERVE_GPU = os.environ.get("SLM_SERVE_GPU", "T4")
+SERVE_RUN = os.environ.get("SLM_SERVE_RUN", "")
+SERVE_OPTIONS = {
+    "gpu": None if SERVE_GPU.lower() in ("", "cpu", "none") else SERVE_GPU,
+    "timeout": 3600,  # per request: long streams are fine
+    "scaledown_window": 300,  # an idle container stops after 5 minutes
+    "min_containers": 0,  # scale to zero: nothing runs (or costs) while nobody calls
+    # one container batches all requests through its model; more add throughput (and cost)
+    "max_containers": int(os.environ.get("SLM_SERVE_MAX_CONTAINERS", "1")),
+}
+SERVE_CONCURRENCY = 64  # requests one container takes at once (its engine batches them)
+serve_image = (
+    modal.Image.debian_slim(python_version="3.11")
+    .pip_install(*PACKAGES, "starlette==1.10.0")
+    .env({"PYTHONUNBUFFERED": "1"})
+    .add_local_dir(ROOT / "src", remote_path="/root/src", ignore=["**/__pycache__"])
+    .add_local_dir(ROOT / "configs", remote_path="/root/configs")
+)
+
+
+@app.function(image=serve_image, volumes={MOUNT: volume},
+              env={"SLM_SERVE_RUN": SERVE_RUN} if SERVE_RUN else None,
+              secrets=[modal.Secret.from_name(SERVE_SECRET)], **SERVE_OPTIONS)
+@modal.concurrent(max_inputs=SERVE_CONCURRENCY)
+@modal.asgi_app()
+def serve():
+    """The OpenAI-compatible server for a model on the volume (requires the slm-api key)."""
+    from src.tools.serve import app_from_volume
+
+    return app_from_volume(data_root(), os.environ.get("SLM_SERVE_RUN") or None,
+                           os.environ.get("SLM_API_KEY"), max_batch=32)

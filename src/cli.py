@@ -137,6 +137,16 @@ def cmd_export(args, extra) -> int:
     return 0
 
 
+def cmd_serve(args, extra) -> int:
+    _no_extra("serve", extra)
+    from src.tools.serve import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, api_key=args.api_key,
+          insecure=args.insecure, device=args.device, max_batch=args.max_batch,
+          max_tokens=args.max_tokens)
+    return 0
+
+
 def cmd_plot(args, extra) -> int:
     _no_extra("plot", extra)
     from src.tools.plot import plot
@@ -296,10 +306,35 @@ def _add_cost(sub) -> None:
     p.set_defaults(fn=cmd_cost)
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a model over OpenAI's HTTP API, with a chat page at /",
+        description="Serve a model over OpenAI's API (/v1/models, /v1/completions, "
+                    "/v1/chat/completions, streamed or not) with a chat page at /. "
+                    "See docs/serve.md.")
+    p.add_argument("checkpoint", help="model file (models/<name>_final.pt), checkpoint or "
+                                      ".safetensors export")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; another "
+                        "address needs an API key or --insecure)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 requests (default: the "
+                        "SLM_API_KEY environment variable, which keeps the key out of ps)")
+    p.add_argument("--insecure", action="store_true",
+                   help="allow a non-loopback --host without an API key")
+    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="sequences generated together at most (default 16)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="the largest max_tokens a request may ask for (default: the context)")
+    p.set_defaults(fn=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="slm", description="Train your own small GPT.")
     sub = ap.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_sample, _add_eval, _add_export, _add_plot, _add_cost):
+    for add in (_add_train, _add_sample, _add_eval, _add_export, _add_plot, _add_cost, _add_serve):
         add(sub)
     return ap
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from src import checkpoint as ckpt
+from src.checkpoint import load_model
 from src.cli import main
 from src.data.tokenizer import (
     EOT,
@@ -20,7 +21,6 @@ from src.errors import SLMError
 from src.model.gpt import GPT
 from src.model.hf import from_hf, shape_from_hf
 from src.tools.export import export_hf
-from src.tools.sample import load_model
 from src.training.config import apply_overrides, read_yaml, validate_config
 from src.training.init_from import resolve_init
 from src.training.trainer import train

@@ -251,12 +251,14 @@ class GPT(nn.Module):
         n += self.lm_head.weight.numel()
         return 6.0 * n + 12.0 * cfg.n_layer * T * cfg.n_embd
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, pad=None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache=None, pad=None,
+                last_only: bool = False):
         """idx (B, T) -> (logits (B, T, padded_vocab), loss or None).
 
         cache: a KVCache to read and extend (generation). pad: (B,) count of left-padding tokens
         per row (batched prompts of different lengths): padding is never attended to and each
-        row's positions start at its first real token.
+        row's positions start at its first real token. last_only: logits of the last position
+        only, (B, 1, padded_vocab) (a long prompt's prefill then never holds T x vocab logits).
         """
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
@@ -288,6 +290,8 @@ class GPT(nn.Module):
                 x = block(x, rope, cache, mask)
         if cache is not None:
             cache.pos += T
+        if last_only:
+            x = x[:, -1:]
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)  # (B, T, V_padded)
         loss = None
