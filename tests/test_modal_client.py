@@ -82,7 +82,7 @@ FEATURES = {
         ),
     ),
     "App.app_id / App.get_dashboard_url (what a launch prints)": (
-        "1.4.0",
+        "1.3.2",
         lambda: (
             isinstance(inspect.getattr_static(modal.App, "app_id"), property)
             and hasattr(modal.App, "get_dashboard_url")
