@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import re
 import socket
 import threading
 from functools import partial
@@ -153,7 +154,10 @@ def test_hub_and_url_sources_fail_at_once_offline(fast_cfg, tmp_path, monkeypatc
     with pytest.raises(SLMError) as e:
         prepare(fast_cfg(data__source="fineweb-edu-10b"), tmp_path, **QUIET)
     _offline(e)
-    assert "hf:HuggingFaceFW/fineweb-edu:sample-10BT" in str(e.value)
+    pin = sources.PRESETS["fineweb-edu-10b"]
+    assert f"hf:HuggingFaceFW/fineweb-edu@{pin.revision}" in str(e.value)
+    assert f"hf download HuggingFaceFW/fineweb-edu --repo-type dataset --revision {pin.revision}" \
+        in str(e.value)
 
     monkeypatch.delenv("HF_HUB_OFFLINE")  # no flag: the hub server itself does not answer
     from huggingface_hub import constants
@@ -182,8 +186,75 @@ def test_cli_preset_offline_is_a_clear_error(tmp_path):
 
 
 def test_presets_name_their_sources():
-    assert sources.expand("tinystories") == "hf:roneneldan/TinyStories"
-    assert sources.expand("fineweb-edu-10b") == "hf:HuggingFaceFW/fineweb-edu:sample-10BT"
-    assert sources.expand("openwebtext") == "hf:Skylion007/openwebtext"
+    stories = sources.PRESETS["tinystories"]
+    assert sources.expand("tinystories") == f"hf:roneneldan/TinyStories@{stories.revision}"
+    assert sources.expand("fineweb-edu-10b").startswith("hf:HuggingFaceFW/fineweb-edu@")
+    assert sources.expand("openwebtext").startswith("hf:Skylion007/openwebtext@")
     assert sources.expand("tinyshakespeare").endswith("/tinyshakespeare/input.txt")
-    assert sources.fingerprint("tinystories") == sources.fingerprint("hf:roneneldan/TinyStories")
+    assert sources.fingerprint("tinystories") == sources.fingerprint(sources.expand("tinystories"))
+    assert sources.fingerprint("tinystories") != sources.fingerprint("hf:roneneldan/TinyStories")
+
+
+def test_every_preset_resolves_to_pinned_parquet_files_or_a_checked_file(tmp_path, monkeypatch):
+    """No preset depends on a loading script or on what a repo's main branch holds today."""
+    monkeypatch.setattr(sources, "require_hub", lambda *a, **k: None)  # resolve without a network
+    hex40 = "[0-9a-f]{40}"
+    for name, preset in sources.PRESETS.items():
+        if isinstance(preset, sources.UrlPreset):
+            assert re.search(f"/{hex40}/", preset.url), f"{name}: the URL names no commit"
+            assert re.fullmatch("[0-9a-f]{64}", preset.sha256), name
+            continue
+        assert isinstance(preset, sources.HubPreset), f"{name}: not pinned"
+        for split in preset.splits:
+            groups, info = sources.resolve(name, tmp_path, split=split)
+            assert info["revision"] == preset.revision and re.fullmatch(hex40, info["revision"])
+            assert [g["builder"] for g in groups] == ["parquet"], name
+            pattern = f"hf://datasets/{re.escape(preset.repo)}@{preset.revision}/.+\\.parquet"
+            assert groups[0]["files"] and all(re.fullmatch(pattern, f) for f in groups[0]["files"])
+            assert info["data_files"] == list(preset.splits[split])
+        assert "train" in preset.splits, name
+    with pytest.raises(SLMError, match=r"fineweb-edu-10b: no split 'validation' \(splits: train\)"):
+        sources.resolve("fineweb-edu-10b", tmp_path, split="validation")
+
+
+def test_a_hub_preset_is_read_from_its_pinned_parquet_files(fast_cfg, texts, tmp_path,
+                                                            monkeypatch):
+    """The real preset path (datasets' parquet reader over the named files), on local copies."""
+    pin = sources.PRESETS["tinystories"]
+    mirror = tmp_path / "mirror"
+    monkeypatch.setattr(sources, "hub_file",
+                        lambda repo, rev, path: str(mirror / repo / rev / path))
+    chunks = {"train": [texts[0:10], texts[10:20], texts[20:30], texts[30:40]],
+              "validation": [texts[40:45]]}
+    for split, files in pin.splits.items():
+        for path, docs in zip(files, chunks[split], strict=True):
+            f = mirror / pin.repo / pin.revision / path
+            f.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(pa.table({"text": docs, "id": list(range(len(docs)))}), f)
+    cfg = fast_cfg(data__source="tinystories", data__val_source="tinystories",
+                   data__tokenizer="char")
+    ds = prepare(cfg, tmp_path / "root", **QUIET)
+    assert _docs(ds, "train") == texts[:40]
+    assert _docs(ds, "val") == texts[40:45]
+    src, val = ds.manifest["source"], ds.manifest["val_source"]
+    assert (src["kind"], src["format"], src["revision"]) == ("hub", "parquet", pin.revision)
+    assert src["data_files"] == list(pin.splits["train"]) and src["repo"] == "roneneldan/TinyStories"
+    assert (val["split"], val["data_files"]) == ("validation", list(pin.splits["validation"]))
+
+
+def test_a_pinned_download_with_other_content_is_refused(fast_cfg, texts, tmp_path, server,
+                                                         monkeypatch):
+    www, base, hits = server
+    (www / "input.txt").write_text("".join(texts[:20]))
+    good = hashlib.sha256((www / "input.txt").read_bytes()).hexdigest()
+    cfg = fast_cfg(data__source="tinyshakespeare", data__tokenizer="char")
+    monkeypatch.setitem(sources.PRESETS, "tinyshakespeare",
+                        sources.UrlPreset(f"{base}/input.txt", sha256="0" * 64))
+    with pytest.raises(SLMError, match=f"SHA-256 is {good}, not the pinned 0{{64}}"):
+        prepare(cfg, tmp_path / "root", **QUIET)
+    assert not list((tmp_path / "root" / "datasets" / "downloads").glob("*input.txt*"))
+
+    monkeypatch.setitem(sources.PRESETS, "tinyshakespeare",
+                        sources.UrlPreset(f"{base}/input.txt", sha256=good))
+    ds = prepare(cfg, tmp_path / "root", **QUIET)
+    assert ds.manifest["source"]["sha256"] == good and len(hits) == 2

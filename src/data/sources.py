@@ -1,7 +1,9 @@
 """Where text comes from: a `data.source` string, resolved into groups of inputs yielding documents.
 
     python-stdlib            the running interpreter's standard-library sources (no download)
-    tinyshakespeare, tinystories, fineweb-edu-10b, openwebtext      presets (PRESETS below)
+    tinyshakespeare, tinystories, fineweb-edu-10b, openwebtext      presets (PRESETS below), each
+                             pinned: hub presets are Parquet files at one commit (no loading
+                             script), the URL preset a file at one commit with its SHA-256
     path/to/file-or-folder   text files (.txt .md .py .rst .text: one document per file), JSON lines
                              (.jsonl .ndjson: one per line) and Parquet (.parquet: one per row),
                              each optionally compressed (.gz .bz2 .xz; .zst with `zstandard`)
@@ -31,6 +33,7 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from urllib.parse import urlparse
@@ -38,13 +41,68 @@ from urllib.parse import urlparse
 from src.errors import SLMError
 
 EMBEDDED = "python-stdlib"
+
+
+@dataclass(frozen=True)
+class HubPreset:
+    """A Hugging Face dataset pinned to one commit and read as its Parquet files.
+
+    Naming the files (rather than letting `datasets` discover the repo) means no loading script
+    is ever run or needed, and the same bytes come back whenever the preset is prepared.
+    """
+
+    repo: str
+    revision: str  # a commit id: what the files are read at, recorded in the manifest
+    splits: dict  # split -> tuple of Parquet paths inside the repo at that revision
+    about: str = ""
+
+    @property
+    def spec(self) -> str:
+        return f"hf:{self.repo}@{self.revision}"
+
+
+@dataclass(frozen=True)
+class UrlPreset:
+    """A file on the web at an immutable address (a commit), with the SHA-256 it must have."""
+
+    url: str
+    sha256: str
+    about: str = ""
+
+    @property
+    def spec(self) -> str:
+        return self.url
+
+
+def _numbered(pattern: str, n: int) -> tuple[str, ...]:
+    return tuple(pattern.format(i) for i in range(n))
+
+
+_TINYSTORIES = "data/train-{:05d}-of-00004-{}.parquet"
 PRESETS = {
-    "tinyshakespeare": (
-        "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+    "tinyshakespeare": UrlPreset(
+        "https://raw.githubusercontent.com/karpathy/char-rnn/"
+        "6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/data/tinyshakespeare/input.txt",
+        sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        about="Shakespeare's plays, 1.1 MB of text (char-rnn's copy)",
     ),
-    "tinystories": "hf:roneneldan/TinyStories",
-    "fineweb-edu-10b": "hf:HuggingFaceFW/fineweb-edu:sample-10BT",
-    "openwebtext": "hf:Skylion007/openwebtext",
+    "tinystories": HubPreset(
+        "roneneldan/TinyStories", "f54c09fd23315a6f9c86f9dc80f725de7d8f9c64",
+        {"train": tuple(_TINYSTORIES.format(i, h) for i, h in enumerate(
+            ("2d5a1467fff1081b", "5852b56a2bd28fd9", "a26307300439e943", "d243063613e5a057"))),
+         "validation": ("data/validation-00000-of-00001-869c898b519ad725.parquet",)},
+        about="2.1M short stories in simple English, with a validation split",
+    ),
+    "fineweb-edu-10b": HubPreset(
+        "HuggingFaceFW/fineweb-edu", "87f09149ef4734204d70ed1d046ddc9ca3f2b8f9",
+        {"train": _numbered("sample/10BT/{:03d}_00000.parquet", 14)},
+        about="FineWeb-Edu's 10B-token sample: 9.7M educational web pages, 28.5 GB of Parquet",
+    ),
+    "openwebtext": HubPreset(
+        "Skylion007/openwebtext", "79d93d786212f7344586290adb811d4ae6a1762c",
+        {"train": _numbered("plain_text/train-{:05d}-of-00080.parquet", 80)},
+        about="OpenWebText (GPT-2's WebText, recreated): 8.0M documents, 24 GB of Parquet",
+    ),
 }
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}
 KINDS = {"text": TEXT_SUFFIXES, "json": {".jsonl", ".ndjson"}, "parquet": {".parquet"}}
@@ -55,8 +113,15 @@ _SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "dis
 
 
 def expand(source: str) -> str:
-    """A preset's real source (tinyshakespeare -> its URL); anything else unchanged."""
-    return PRESETS.get(source, source)
+    """A preset's real source (tinyshakespeare -> its URL, a hub preset -> hf:<repo>@<commit>);
+    anything else unchanged."""
+    preset = PRESETS.get(source)
+    return preset.spec if preset else source
+
+
+def hub_file(repo: str, revision: str, path: str) -> str:
+    """Where `datasets` reads a pinned hub file from (fsspec's hf:// at that commit)."""
+    return f"hf://datasets/{repo}@{revision}/{path}"
 
 
 def is_url(spec: str) -> bool:
@@ -265,18 +330,19 @@ def _brief(e: Exception) -> str:
 # ----------------------------------------------------------------------------- network sources
 
 
-def offline_message(what: str, host: str, reason: str) -> str:
-    hub = (" A Hugging Face dataset downloaded elsewhere (`hf download <repo> --repo-type dataset "
-           "--local-dir DIR`) is read offline as data.source: hf:DIR.") if host.endswith(
-        "huggingface.co") or "hf:" in what else ""
+def offline_message(what: str, host: str, reason: str, hint: str | None = None) -> str:
+    if hint is None:
+        hint = (" A Hugging Face dataset downloaded elsewhere (`hf download <repo> --repo-type "
+                "dataset --local-dir DIR`) is read offline as data.source: hf:DIR.") if (
+            host.endswith("huggingface.co") or "hf:" in what) else ""
     return (
         f"{what} needs the network (to reach {host}), which is not available here: {reason}. "
         "Connect and retry, or point data.source at local files instead: a .txt/.jsonl/.parquet "
-        f"file or a folder of them (e.g. --data.source ./my_corpus/).{hub}"
+        f"file or a folder of them (e.g. --data.source ./my_corpus/).{hint}"
     )
 
 
-def require_network(url: str, what: str) -> None:
+def require_network(url: str, what: str, hint: str | None = None) -> None:
     """Fail at once, with a clear message, when url's server (or the proxy) cannot be reached."""
     u = urlparse(url)
     host, port = u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
@@ -298,18 +364,20 @@ def require_network(url: str, what: str) -> None:
     t.join(NET_TIMEOUT + 1)
     if outcome[0] is not True:
         reason = f"no answer within {NET_TIMEOUT:.0f} s" if outcome[0] is None else str(outcome[0])
-        raise SLMError(offline_message(what, host, reason))
+        raise SLMError(offline_message(what, host, reason, hint))
 
 
-def download(url: str, data_root: str | Path, log=print) -> dict:
-    """Fetch url once into <data_root>/datasets/downloads/; returns {path, url, sha256, bytes}."""
+def download(url: str, data_root: str | Path, log=print, sha256: str | None = None) -> dict:
+    """Fetch url once into <data_root>/datasets/downloads/; returns {path, url, sha256, bytes}.
+
+    With sha256 (a pinned preset), a download with other content is refused."""
     d = Path(data_root) / "datasets" / "downloads"
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(urlparse(url).path).name) or "download"
     dest = d / f"{hashlib.sha256(url.encode()).hexdigest()[:10]}-{name}"
     meta_path = dest.with_name(dest.name + ".json")
     if dest.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("bytes") == dest.stat().st_size:
+        if meta.get("bytes") == dest.stat().st_size and sha256 in (None, meta.get("sha256")):
             return meta
     what = f"data.source {url}"
     require_network(url, what)
@@ -328,10 +396,43 @@ def download(url: str, data_root: str | Path, log=print) -> dict:
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise SLMError(offline_message(what, urlparse(url).hostname or url, str(reason))) from None
+    if sha256 and h.hexdigest() != sha256:
+        tmp.unlink(missing_ok=True)
+        raise SLMError(f"{what}: the download's SHA-256 is {h.hexdigest()}, not the pinned "
+                       f"{sha256}; the file changed at its source, so it is not used")
     os.replace(tmp, dest)
     meta = {"url": url, "path": str(dest), "sha256": h.hexdigest(), "bytes": n}
     meta_path.write_text(json.dumps(meta, indent=1))
     return meta
+
+
+def require_hub(what: str, hint: str | None = None) -> None:
+    """Fail at once, with a clear message, when the Hugging Face hub cannot be reached."""
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        raise SLMError(offline_message(what, "huggingface.co", "HF_HUB_OFFLINE is set", hint))
+    from huggingface_hub import constants
+
+    require_network(constants.ENDPOINT, what, hint)
+
+
+def preset_groups(name: str, preset: HubPreset, split: str) -> tuple[list[dict], dict]:
+    """A hub preset's Parquet files for one split, at its pinned commit (read by `datasets`'s
+    parquet reader: the repo's own loading code, if any, is never looked at)."""
+    files = preset.splits.get(split)
+    if not files:
+        raise SLMError(f"data.source {name}: no split '{split}' (splits: "
+                       f"{', '.join(preset.splits)}); set data.split")
+    urls = [hub_file(preset.repo, preset.revision, f) for f in files]
+    if any(u.startswith("hf://") for u in urls):
+        top = files[0].rsplit("/", 1)[0] if "/" in files[0] else "."
+        hint = (f" To prepare it offline, download its files elsewhere (`hf download {preset.repo}"
+                f" --repo-type dataset --revision {preset.revision} --include '{top}/*' "
+                f"--local-dir DIR`) and use data.source: DIR/{top}.")
+        require_hub(f"data.source {name} ({preset.spec})", hint)
+    info = {"kind": "hub", "repo": preset.repo, "subset": None, "split": split,
+            "revision": preset.revision, "files": len(files), "format": "parquet",
+            "data_files": list(files)}
+    return [{"kind": "rows", "builder": "parquet", "files": urls, "label": name}], info
 
 
 def hub_groups(spec: str, split: str) -> tuple[list[dict], dict]:
@@ -341,12 +442,7 @@ def hub_groups(spec: str, split: str) -> tuple[list[dict], dict]:
         raise SLMError(f"data.source {spec}: write hf:<owner>/<name>[:<subset>]")
     local = Path(repo).expanduser().is_dir()
     if not local:
-        if os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
-            raise SLMError(offline_message(f"data.source {spec}", "huggingface.co",
-                                           "HF_HUB_OFFLINE is set"))
-        from huggingface_hub import constants
-
-        require_network(constants.ENDPOINT, f"data.source {spec}")
+        require_hub(f"data.source {spec}")
     ds_lib = _datasets()
     try:
         b = ds_lib.load_dataset_builder(str(Path(repo).expanduser()) if local else repo,
@@ -373,14 +469,17 @@ def hub_groups(spec: str, split: str) -> tuple[list[dict], dict]:
 
 def resolve(source: str, data_root: str | Path, split: str = "train", log=print):
     """(groups, info): the source's inputs as JSON-able groups, and what to record about it."""
-    spec = expand(source)
+    spec, preset = expand(source), PRESETS.get(source)
     info = {"source": source} | ({"preset": spec} if spec != source else {})
     if spec == EMBEDDED:
         files = [str(f) for f in stdlib_files()]
         return [{"kind": "text", "files": files}], info | {
             "kind": "embedded", "python": sysconfig.get_python_version()}
+    if isinstance(preset, HubPreset):
+        groups, hub = preset_groups(source, preset, split)
+        return groups, info | hub
     if is_url(spec):
-        meta = download(spec, data_root, log)
+        meta = download(spec, data_root, log, sha256=getattr(preset, "sha256", None))
         return local_groups(meta["path"], label=spec), info | {"kind": "url"} | meta
     if is_hub(spec):
         groups, hub = hub_groups(spec, split)
