@@ -152,7 +152,7 @@ def cmd_plot(args, extra) -> int:
     from src.tools.plot import plot
 
     out = plot(args.runs, args.output, x=args.x, smooth=args.smooth, title=args.title,
-               data_root=args.data_root)
+               data_root=args.data_root, logy=args.logy)
     print(f"wrote {out}")
     return 0
 
@@ -284,9 +284,15 @@ def _add_plot(sub) -> None:
                    help="run folder (data/checkpoints/<name>), its metrics.jsonl, or a run name")
     p.add_argument("-o", "--output", default=None,
                    help="image to write (.png, .svg, .pdf; default: <first run>/metrics.png)")
-    p.add_argument("--x", default="tokens", choices=list(X_AXES), help="x axis (default tokens)")
+    p.add_argument("--x", default="tokens", choices=list(X_AXES),
+                   help="x axis: tokens seen (default; lines up runs with different batch "
+                        "sizes), optimizer step, or training time")
     p.add_argument("--smooth", type=float, default=0.0,
-                   help="exponential smoothing of the training loss, 0 to 0.99 (default 0)")
+                   help="centred smoothing of the training loss, 0 to 0.99, as strong as an EMA "
+                        "of that factor but without its lag; the raw curve stays faint behind "
+                        "(default 0)")
+    p.add_argument("--logy", action="store_true",
+                   help="logarithmic y axis for the loss and bits-per-byte panels")
     p.add_argument("--title", default=None, help="figure title (default: the run names)")
     p.add_argument("--data-root", default=None,
                    help="where run names are looked up (default ./data)")

@@ -14,6 +14,7 @@ elapsed time, W&B run id).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -326,8 +327,11 @@ class Trainer:
         if not self.master:
             return []
         resumed = state is not None
-        sinks = [JsonlSink(self.layout.metrics, self.s.step if resumed else None),
-                 Console(self.t.max_steps)]
+        t = self.t
+        console = Console(t.max_steps, max_tokens=t.max_tokens, max_seconds=t.max_seconds,
+                          max_cost=self.cfg.modal.max_cost_usd if self.cost_per_hour else None)
+        self.say = console.through(self.say)  # messages print above the progress bar
+        sinks = [JsonlSink(self.layout.metrics, self.s.step if resumed else None), console]
         if self.use_wandb:
             from src.training.wandb_sink import open_wandb
 
@@ -345,7 +349,7 @@ class Trainer:
     def loop(self) -> None:
         t, s = self.t, self.s
         self.p_start = self.budget.progress(s.step, s.tokens)
-        self.win_tokens, self.win_start = 0, time.time()
+        self._new_window()
         self.bad_seen = (torch.zeros((), dtype=torch.bool, device=self.dev)
                          if self.dev.type == "cuda" else None)
         self.stopped = False
@@ -367,9 +371,11 @@ class Trainer:
                 if s.step % t.log_every == 0 or last or s.step == 1:
                     self.log_train(out, last)
                 if s.step % t.eval_every == 0 or last:
-                    self.log_eval(samples=not last)
+                    with self._aside("eval"):
+                        self.log_eval(samples=not last)
                 if self.hellaswag and (s.step % t.hellaswag_every == 0 or last):
-                    row = {"step": s.step, "tokens": s.tokens, **self.hellaswag()}
+                    with self._aside("eval"):
+                        row = {"step": s.step, "tokens": s.tokens, **self.hellaswag()}
                     self.say(f"step {s.step:>6} | hellaswag acc_norm "
                              f"{row['hellaswag/acc_norm']:.4f}")
                     self.metrics.log(row)
@@ -377,8 +383,9 @@ class Trainer:
                 if stop is not None:
                     self.interrupt(stop, sig.got)
                 if s.step % t.checkpoint_every == 0 and not last:
-                    self.save(self.layout.step(s.step))
-                    self.metrics.call("on_checkpoint", self.layout.step(s.step), s.step)
+                    with self._aside("checkpoint"):
+                        self.save(self.layout.step(s.step))
+                        self.metrics.call("on_checkpoint", self.layout.step(s.step), s.step)
 
     def step(self, sig) -> StepOut:
         """One optimizer step: accumulate micro-batches, clip, check, update."""
@@ -409,6 +416,9 @@ class Trainer:
             self.scaler.update()
         elif not skip:
             self.optimizer.step()
+        if not skip:  # train/loss is the mean over the log interval (no sync here)
+            self.win_loss += loss_sum
+            self.win_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         s.step += 1
         s.tokens += self.tokens_per_step
@@ -442,18 +452,40 @@ class Trainer:
         self.metrics.log({"step": s.step + 1, "skipped_nonfinite": s.skipped_nonfinite})
         return False
 
+    def _new_window(self) -> None:
+        """Start a log interval: its tokens, summed loss, and the time spent outside training."""
+        self.win_tokens, self.win_start = 0, time.time()
+        self.win_loss, self.win_steps = torch.zeros((), device=self.dev), 0
+        self.aside = {"eval": 0.0, "checkpoint": 0.0}
+
+    @contextlib.contextmanager
+    def _aside(self, kind: str):
+        """Time work that is not training (eval, samples, checkpoints): throughput leaves it out."""
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)  # queued training steps count as training
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.aside[kind] += time.time() - t0
+
     def log_train(self, out: StepOut, last: bool) -> None:
         s, now = self.s, time.time()
-        tps = self.win_tokens / max(now - self.win_start, 1e-9)
-        self.win_tokens, self.win_start = 0, now
+        tps = self.win_tokens / max(now - self.win_start - sum(self.aside.values()), 1e-9)
+        loss = self.win_loss if self.win_steps else out.loss_sum
+        loss = loss.item() / max(self.win_steps, 1) / self.world
+        aside = self.aside
+        self._new_window()
         p = self.budget.progress(s.step, s.tokens, self.budget.elapsed())
         eta = (now - self.budget.started) * (1 - p) / max(p - self.p_start, 1e-9)
         row = {
             "step": s.step, "tokens": s.tokens, "time": round(self.budget.elapsed(), 3),
-            "train/loss": out.loss_sum.item() / self.world, "lr": self.t.learning_rate * out.factor,
+            "train/loss": loss, "lr": self.t.learning_rate * out.factor,
             "grad_norm": float(out.grad_norm), "tokens_per_sec": tps,
             "flops_per_sec": tps * self.flops_tok,
             "mfu": tps * self.flops_tok / self.peak if self.peak else None,
+            "eval_seconds": round(aside["eval"], 3),
+            "checkpoint_seconds": round(aside["checkpoint"], 3),
             "eta_seconds": eta, "progress": p,
         }
         if self.cost_per_hour:
@@ -476,7 +508,8 @@ class Trainer:
         self.last_val.pop("val/tokens", None)
         if s.best_val_loss is None or self.last_val["val/loss"] < s.best_val_loss:
             s.best_val_loss = self.last_val["val/loss"]
-        row = {"step": s.step, "tokens": s.tokens, **self.last_val}
+        row = {"step": s.step, "tokens": s.tokens, "time": round(self.budget.elapsed(), 3),
+               **self.last_val}
         if samples and self.t.num_samples and (self.master or sharded):  # FSDP: all ranks
             row["samples"] = self.samples()
         self.metrics.log(row)

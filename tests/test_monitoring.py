@@ -1,0 +1,48 @@
+"""What the training rows say: the interval's mean loss, and throughput of training steps only."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from src.training.metrics import read_metrics
+from src.training.trainer import train
+
+
+def _rows(fast_cfg, root, name, **kw):
+    cfg = fast_cfg(name=name, training__num_samples=0, **kw)
+    res = train(cfg, data_root=root, device="cpu", use_wandb=False)
+    return [r for r in read_metrics(res.run_dir / "metrics.jsonl") if "train/loss" in r]
+
+
+def test_train_loss_is_the_mean_over_the_log_interval(fast_cfg, tmp_path):
+    kw = dict(training__max_steps=8, training__eval_every=100, training__checkpoint_every=100)
+    every = {r["step"]: r["train/loss"] for r in _rows(fast_cfg, tmp_path, "each", **kw,
+                                                       training__log_every=1)}
+    spaced = {r["step"]: r["train/loss"] for r in _rows(fast_cfg, tmp_path, "spaced", **kw,
+                                                        training__log_every=4)}
+    assert sorted(spaced) == [1, 4, 8]  # step 1 is always shown
+    assert spaced[1] == pytest.approx(every[1], rel=1e-5)
+    assert spaced[4] == pytest.approx(statistics.mean(every[s] for s in (2, 3, 4)), rel=1e-5)
+    assert spaced[8] == pytest.approx(statistics.mean(every[s] for s in range(5, 9)), rel=1e-5)
+    assert spaced[8] != pytest.approx(every[8], rel=1e-5), "one step's loss, not the mean"
+
+
+def test_throughput_leaves_out_evaluation_and_checkpoints(fast_cfg, tmp_path):
+    """Evaluation here costs far more than the two steps of a log interval: the rows after it
+    must still report the training steps' speed, and the time spent aside separately."""
+    rows = _rows(fast_cfg, tmp_path, "tps", training__max_steps=16, training__eval_every=4,
+                 training__checkpoint_every=4, training__log_every=2,
+                 training__eval_tokens=32768)
+    after = [r for r in rows if r["step"] in (6, 10, 14)]
+    plain = [r["tokens_per_sec"] for r in rows if r["step"] not in (1, 6, 10, 14, 16)]
+    assert all(r["eval_seconds"] > 0 and r["checkpoint_seconds"] > 0 for r in after)
+    assert all(r["eval_seconds"] == 0 for r in rows if r["step"] in (4, 8, 12))
+    for r, prev in zip(after, [x for x in rows if x["step"] in (4, 8, 12)], strict=True):
+        spent = r["time"] - prev["time"]
+        assert spent > r["eval_seconds"] + r["checkpoint_seconds"]
+        # Two steps take a small part of that interval: counting eval would cut the rate by
+        # several times (the old rows after an eval showed a quarter of the steady rate).
+        assert r["eval_seconds"] > spent / 2, "the check needs an evaluation that dominates"
+        assert r["tokens_per_sec"] > 0.5 * statistics.median(plain)
