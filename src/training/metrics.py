@@ -1,7 +1,7 @@
 """Where metrics go: metrics.jsonl (always, the local source of truth), the console, and W&B.
 
 Every sink takes the same calls: log(row) and close(), and optionally on_checkpoint(path, step),
-on_final(final_ckpt, model_path, last_val) and on_interrupt(signum). A sink that raises is
+on_final(final_ckpt, model_path, last_val) and on_interrupt(signum, step). A sink that raises is
 reported once and switched off, so a monitoring problem never stops training.
 
 A row is a flat dict with `step` and any of: tokens, time, train/loss (the mean over the log

@@ -552,7 +552,7 @@ class Trainer:
         path = self.layout.step(self.s.step)
         self.save(path)
         dist.barrier()
-        self.metrics.call("on_interrupt", got)
+        self.metrics.call("on_interrupt", got, self.s.step)
         self.metrics.close()
         raise Interrupted(f"{signal.Signals(stop).name}: saved {path} at step {self.s.step}; "
                           "re-run to resume", stop)

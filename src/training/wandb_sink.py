@@ -341,7 +341,7 @@ class WandbSink:
         self._artifact(model_path, aliases, {"kind": "final", **last_val})
         self.layout.best.unlink(missing_ok=True)  # the link is no longer needed
 
-    def on_interrupt(self, signum: int) -> None:
+    def on_interrupt(self, signum: int, step: int | None = None) -> None:
         """SIGTERM/SIGINT: tell W&B this run is being preempted (it will resume).
 
         The run then finishes with exit code 0, so W&B shows it stopped, not failed (a non-zero
@@ -350,7 +350,7 @@ class WandbSink:
         self._signal = signum
         self.run.mark_preempting()
         name = signal.Signals(signum).name if signum else "a signal"
-        self.run.summary["status"] = (f"stopped by {name} at step {self._step} with a "
+        self.run.summary["status"] = (f"stopped by {name} at step {step or self._step} with a "
                                       "checkpoint; re-run to resume")
 
     def close(self) -> None:
