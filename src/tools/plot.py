@@ -51,11 +51,12 @@ def smooth_centred(ys: list[float], beta: float) -> list[float]:
 
     An EMA averages about (1 + beta) / (1 - beta) points, all in the past, so on a falling loss
     it draws above the raw curve. This averages the same number of points on both sides (fewer
-    near the ends, where there are fewer neighbours).
+    near the ends, where there are fewer neighbours), and never more than a tenth of the curve:
+    a short run's few points keep their bends.
     """
     if not beta or len(ys) < 3:
         return list(ys)
-    half = max(1, round(beta / (1 - beta)))
+    half = max(1, min(round(beta / (1 - beta)), len(ys) // 20))
     out = []
     for i in range(len(ys)):
         h = min(half, i, len(ys) - 1 - i)  # symmetric window: no shift at the ends either
@@ -75,7 +76,7 @@ def plot_runs(metric_files: list[Path], out: str | Path, x: str = "tokens", smoo
               title: str | None = None, logy: bool = False):
     """Draw the runs' curves into `out` (PNG, or any format matplotlib knows by extension)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-    from matplotlib.ticker import EngFormatter
+    from matplotlib.ticker import EngFormatter, FuncFormatter
 
     if x not in X_AXES:
         raise SLMError(f"--x {x}: use one of {', '.join(X_AXES)}")
@@ -128,9 +129,12 @@ def plot_runs(metric_files: list[Path], out: str | Path, x: str = "tokens", smoo
                     color="gray")
     ax_tps.yaxis.set_major_formatter(EngFormatter())
     if logy:
+        plain = FuncFormatter(lambda v, _: f"{v:g}")  # 4, 5, 6 rather than 4x10^0
         for ax in (ax_loss, ax_bpb):
             if ax.lines:
                 ax.set_yscale("log")
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(plain)
     fig.suptitle(title or ", ".join(label for label, _ in runs))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
