@@ -46,3 +46,13 @@ def test_throughput_leaves_out_evaluation_and_checkpoints(fast_cfg, tmp_path):
         # Counting the evaluation would cut the rate to a quarter or less (the old rows after an
         # eval showed a quarter of the steady rate); the steps alone run at the usual speed.
         assert r["tokens_per_sec"] > 0.5 * statistics.median(plain), (r, plain)
+
+
+def test_help_names_the_overrides_and_the_defaults():
+    from conftest import run_cli
+
+    train = run_cli("train", "--help", timeout=60).stdout
+    assert "--section.key value" in train and "--wandb.mode offline" in train
+    sample = run_cli("sample", "--help", timeout=60).stdout
+    assert "(default: 200)" in sample and "(default: 0.8)" in sample
+    assert "then cpu (as train) (default: auto)" in " ".join(sample.split())
