@@ -521,3 +521,17 @@ def test_messages_print_above_the_bar_not_onto_it():
     c.close()
     lines = [x.strip() for x in out.getvalue().replace("\r", "\n").splitlines()]
     assert "done: step 600" in lines, out.getvalue()
+
+
+def test_wandb_warnings_are_shown(fast_cfg, tmp_path, capfd, monkeypatch):
+    """W&B's own warnings (here: rows it drops) reach the console; its banners do not."""
+    monkeypatch.delenv("WANDB_SILENT", raising=False)  # the tests' default; users lack it
+    cfg = fast_cfg(name="wb-warn")
+    sink = wandb_sink.open_wandb(cfg, RunLayout.of_run_dir(tmp_path), None, False,
+                                 log=lambda *a: None)
+    sink.log({"step": 5, "train/loss": 1.0})
+    sink.run.log({"train/loss": 2.0}, step=3)  # W&B drops it: steps must increase
+    sink.close()
+    err = capfd.readouterr().err
+    assert "WARNING" in err and "step 3" in err
+    assert "View project at" not in err and "Tracking run with wandb" not in err
