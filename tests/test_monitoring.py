@@ -56,3 +56,32 @@ def test_help_names_the_overrides_and_the_defaults():
     sample = run_cli("sample", "--help", timeout=60).stdout
     assert "(default: 200)" in sample and "(default: 0.8)" in sample
     assert "then cpu (as train) (default: auto)" in " ".join(sample.split())
+
+
+@pytest.mark.parametrize("mode", ["continue", "rewarm", "restretch"])
+def test_a_finished_run_resumed_with_a_larger_budget(fast_cfg, tmp_path, mode, capsys):
+    """max_steps 8 -> 16 after the run ended: the user is told, and the default does not make the
+    learning rate jump back up (it did, 5x, before)."""
+    kw = dict(training__eval_every=100, training__checkpoint_every=100, training__log_every=1,
+              training__min_lr_ratio=0.1)
+    train(fast_cfg(name="grow", training__max_steps=8, **kw), data_root=tmp_path, device="cpu",
+          use_wandb=False)
+    capsys.readouterr()
+    cfg = fast_cfg(name="grow", training__max_steps=16, training__budget_change=mode, **kw)
+    res = train(cfg, data_root=tmp_path, device="cpu", use_wandb=False)
+    out = capsys.readouterr().out
+    assert "note: the budget changed since step 8 (training.max_steps 8 -> 16" in out
+    assert f"training.budget_change: {mode}" in out
+    lr = {r["step"]: r["lr"] for r in read_metrics(res.run_dir / "metrics.jsonl") if "lr" in r}
+    peak = cfg.training.learning_rate
+    assert lr[8] < 0.2 * peak  # the first run ended decayed
+    after = [lr[s] for s in range(9, 17)]
+    if mode == "continue":  # the default: the decayed rate goes on, no jump
+        assert max(after) <= lr[8]
+        assert after[0] == pytest.approx(0.1 * peak)  # where the old schedule ended
+    elif mode == "rewarm":  # up to the peak over warmup_steps (2), then down again
+        assert lr[8] < after[0] < after[1] == pytest.approx(peak, rel=0.05)
+        assert after == [after[0], after[1], *sorted(after[2:], reverse=True)]
+        assert after[-1] < 0.2 * peak
+    else:
+        assert after[0] > 3 * lr[8]  # the old behaviour, on request

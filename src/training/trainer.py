@@ -193,6 +193,8 @@ class Trainer:
         if state is not None and (self.budget.done(self.s.step, self.s.tokens)
                                   or self.budget.over_cost()):
             return self.already_done(state, state_path)
+        if state is not None:
+            self._budget_change(state)
         self.loop()
         return self.finish()
 
@@ -344,6 +346,32 @@ class Trainer:
                 self.s.wandb_run_id = wb.run_id
         return sinks
 
+    def _budget_change(self, state: dict) -> None:
+        """A resumed run whose budget changed: say so, and go on per training.budget_change."""
+        keys = ("max_steps", "max_tokens", "max_seconds")
+        old_t = config_from_dict(state["config"]).training
+        changed = [f"training.{k} {getattr(old_t, k)} -> {getattr(self.t, k)}" for k in keys
+                   if getattr(old_t, k) != getattr(self.t, k)]
+        s, t = self.s, self.t
+        if not changed or s.step < t.warmup_steps:
+            return
+        p_old = Budget(old_t).progress(s.step, s.tokens, s.elapsed)
+        f0 = lr_factor(old_t, s.step, p_old, s.schedule_from)
+        p0 = self.budget.progress(s.step, s.tokens)
+        lr = t.learning_rate
+        what = {"continue": f"continues from {f0 * lr:.2e} and decays to the end value over the "
+                            "new budget",
+                "rewarm": f"warms from {f0 * lr:.2e} back up to {lr:.2e} over {t.warmup_steps} "
+                          "steps, then decays over the new budget",
+                "restretch": f"follows the schedule stretched over the new budget: it jumps to "
+                             f"{lr_factor(t, s.step, p0) * lr:.2e}"}[t.budget_change]
+        self.say(f"note: the budget changed since step {s.step} ({', '.join(changed)}; the old "
+                 f"one was {min(p_old, 1):.0%} used); the learning rate {what} "
+                 f"(training.budget_change: {t.budget_change}; the others: "
+                 f"{', '.join(m for m in ('continue', 'rewarm', 'restretch') if m != t.budget_change)})")
+        s.schedule_from = None if t.budget_change == "restretch" else {
+            "step": s.step, "progress": p0, "factor": f0, "mode": t.budget_change}
+
     # ------------------------------------------------------------------ loop
 
     def loop(self) -> None:
@@ -390,7 +418,7 @@ class Trainer:
     def step(self, sig) -> StepOut:
         """One optimizer step: accumulate micro-batches, clip, check, update."""
         t, s, accum = self.t, self.s, self.accum
-        factor = lr_factor(t, s.step, self.budget.progress(s.step, s.tokens))
+        factor = lr_factor(t, s.step, self.budget.progress(s.step, s.tokens), s.schedule_from)
         set_lr(self.optimizer, factor)
         loss_sum = torch.zeros((), device=self.dev)
         for micro in range(accum):
