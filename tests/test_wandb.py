@@ -85,6 +85,7 @@ def summarize(folder: Path, finished: bool = True) -> dict:
             out["artifacts"].append({"name": r.artifact.name, "type": r.artifact.type,
                                      "aliases": list(r.artifact.aliases),
                                      "files": [e.path for e in r.artifact.manifest.contents],
+                                     "local": [e.local_path for e in r.artifact.manifest.contents],
                                      "metadata": json.loads(r.artifact.metadata or "{}")})
         elif kind == "summary":
             for i in r.summary.update:
@@ -327,6 +328,13 @@ def test_best_checkpoint_is_uploaded_when_the_final_model_is_worse(fast_cfg, roo
     assert {"best", "step-4"} <= set(best["aliases"]) and "final" not in best["aliases"]
     assert {"latest", "final"} <= set(final["aliases"]) and "best" not in final["aliases"]
     assert best["metadata"]["val/loss"] == 2.0 and best["metadata"]["step"] == 4
+    # The files W&B uploads at sync time live inside the run folder (on Modal: on the volume),
+    # as hard links: no second copy in a staging folder elsewhere.
+    for art, model in ((best, best_model), (final, model_path)):
+        [local] = art["local"]
+        assert Path(local).is_relative_to(run_dir / "wandb"), local
+        assert os.path.samefile(local, model)
+    assert not any((Path(os.environ["WANDB_DATA_DIR"]) / "artifacts" / "staging").glob("*"))
 
 
 def test_summary_holds_the_best_and_the_final_numbers(fast_cfg, tmp_path):

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 from pathlib import Path
@@ -390,8 +391,25 @@ class WandbSink:
     def _artifact(self, path: Path, aliases: list[str], metadata: dict) -> None:
         art = self.wandb.Artifact(f"{self.cfg.name}-model", type="model",
                                   metadata={k: v for k, v in metadata.items() if v is not None})
-        art.add_file(str(path))
+        art.add_file(str(self._stage(path)), name=path.name, policy="immutable")
         self.run.log_artifact(art, aliases=aliases)
+
+    def _stage(self, path: Path) -> Path:
+        """The model file, linked into this attempt's W&B folder (<run>/wandb/<attempt>/staged/).
+
+        W&B's default copies it to a staging folder of its own, outside the run: on Modal that
+        copy stays in the container, not on the volume, and it doubles the disk used until an
+        upload. A hard link costs no space and travels with the run folder; slm replaces model
+        files by renaming new ones over them, so the linked content never changes.
+        """
+        staged = self.folder / "staged" / path.name
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        staged.unlink(missing_ok=True)
+        try:
+            os.link(path, staged)
+        except OSError:  # no hard links here (another file system): a copy, still in the run
+            shutil.copy2(path, staged)
+        return staged
 
     def _best_model(self, ckpt_path: Path) -> Path | None:
         """The best checkpoint as a weights-only model file beside the final one."""
