@@ -533,7 +533,10 @@ def test_messages_print_above_the_bar_not_onto_it():
 
 def test_wandb_warnings_are_shown(fast_cfg, tmp_path, capfd, monkeypatch):
     """W&B's own warnings (here: rows it drops) reach the console; its banners do not."""
+    import wandb
+
     monkeypatch.delenv("WANDB_SILENT", raising=False)  # the tests' default; users lack it
+    wandb.teardown()  # W&B read its settings (WANDB_SILENT) once per process: read them again
     cfg = fast_cfg(name="wb-warn")
     sink = wandb_sink.open_wandb(cfg, RunLayout.of_run_dir(tmp_path), None, False,
                                  log=lambda *a: None)
