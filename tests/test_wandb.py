@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -199,7 +200,7 @@ def test_offline_run_has_logged_keys_and_resume_continues_same_run(fast_cfg, roo
     assert b["summary"]["final/train_loss"] == pytest.approx(last_train["train/loss"])
     assert b["summary"]["tokens"] == res.tokens and b["summary"]["status"] == "finished"
     assert b["exit"] and b["exit_code"] == 0
-    assert f"wandb sync --include-online {run_dir / 'wandb'}" in out
+    assert f"cd {run_dir / 'wandb'} && wandb sync --include-online ." in out
 
 
 def train_with_hook(hook: str, root: Path, args: list[str]):
@@ -329,12 +330,26 @@ def test_best_checkpoint_is_uploaded_when_the_final_model_is_worse(fast_cfg, roo
     assert {"latest", "final"} <= set(final["aliases"]) and "best" not in final["aliases"]
     assert best["metadata"]["val/loss"] == 2.0 and best["metadata"]["step"] == 4
     # The files W&B uploads at sync time live inside the run folder (on Modal: on the volume),
-    # as hard links: no second copy in a staging folder elsewhere.
+    # as hard links: no second copy in a staging folder elsewhere ...
+    wandb_dir = run_dir / "wandb"
     for art, model in ((best, best_model), (final, model_path)):
         [local] = art["local"]
-        assert Path(local).is_relative_to(run_dir / "wandb"), local
-        assert os.path.samefile(local, model)
+        assert not Path(local).is_absolute(), local
+        assert os.path.samefile(wandb_dir / local, model)
     assert not any((Path(os.environ["WANDB_DATA_DIR"]) / "artifacts" / "staging").glob("*"))
+    # ... named relative to the wandb/ folder, where the printed sync command runs: a copy of
+    # that folder elsewhere (`modal volume get`), with the originals gone, still has the models.
+    want = {p.name: p.read_bytes() for p in (best_model, model_path)}
+    copy = tmp_path / "elsewhere" / "wb-best-wandb"
+    shutil.copytree(wandb_dir, copy)
+    shutil.rmtree(run_dir)
+    shutil.rmtree(model_path.parent)
+    [folder] = sorted(copy.glob("offline-run-*"))
+    for art in summarize(folder)["artifacts"]:
+        if art["type"] == "model":
+            [local], [name] = art["local"], art["files"]
+            assert (copy / local).read_bytes() == want[name]
+    assert any("cd " in x and "&& wandb sync --include-online ." in x for x in logs)
 
 
 def test_summary_holds_the_best_and_the_final_numbers(fast_cfg, tmp_path):

@@ -2,7 +2,8 @@
 
 Modes (wandb.mode, or $WANDB_MODE which wins when set): online, offline, disabled. Every mode
 keeps W&B's run folder inside the run's own folder (<run>/wandb/), so an offline run (or an
-online one whose upload did not finish) can be uploaded later with `wandb sync <run>/wandb`.
+online one whose upload did not finish) can be uploaded later with the printed `wandb sync`
+command, which runs inside <run>/wandb.
 
 What can go wrong, and what happens:
 - online, no API key: `check_online_ready` refuses before training, with the fix (local lookups
@@ -391,7 +392,13 @@ class WandbSink:
     def _artifact(self, path: Path, aliases: list[str], metadata: dict) -> None:
         art = self.wandb.Artifact(f"{self.cfg.name}-model", type="model",
                                   metadata={k: v for k, v in metadata.items() if v is not None})
-        art.add_file(str(self._stage(path)), name=path.name, policy="immutable")
+        staged = self._stage(path)
+        entry = art.add_file(str(staged), name=path.name, policy="immutable")
+        if self.mode == "offline":
+            # W&B uploads the file from this path when the run is synced, from the directory the
+            # sync command runs in: relative to the wandb/ folder (where the printed command
+            # runs), so a copy of that folder anywhere (a `modal volume get`) still has its model.
+            entry.local_path = os.path.relpath(staged, self.folder.parent)
         self.run.log_artifact(art, aliases=aliases)
 
     def _stage(self, path: Path) -> Path:
@@ -427,8 +434,11 @@ class WandbSink:
 
 def sync_command(wandb_dir: Path) -> str:
     """The command that uploads every attempt of a run: offline ones, and online ones whose
-    upload did not finish (`wandb sync` skips online-run folders unless told otherwise)."""
-    return f"wandb sync --include-online {_shown(wandb_dir)}"
+    upload did not finish (`wandb sync` skips online-run folders unless told otherwise).
+
+    It runs inside the wandb/ folder: offline model artifacts name their files relative to it.
+    """
+    return f"cd {_shown(wandb_dir)} && wandb sync --include-online ."
 
 
 def final_summary(metrics_path: Path) -> dict:
