@@ -365,10 +365,10 @@ class Trainer:
                           "steps, then decays over the new budget",
                 "restretch": f"follows the schedule stretched over the new budget: it jumps to "
                              f"{lr_factor(t, s.step, p0) * lr:.2e}"}[t.budget_change]
+        others = ", ".join(m for m in ("continue", "rewarm", "restretch") if m != t.budget_change)
         self.say(f"note: the budget changed since step {s.step} ({', '.join(changed)}; the old "
                  f"one was {min(p_old, 1):.0%} used); the learning rate {what} "
-                 f"(training.budget_change: {t.budget_change}; the others: "
-                 f"{', '.join(m for m in ('continue', 'rewarm', 'restretch') if m != t.budget_change)})")
+                 f"(training.budget_change: {t.budget_change}; the others: {others})")
         s.schedule_from = None if t.budget_change == "restretch" else {
             "step": s.step, "progress": p0, "factor": f0, "mode": t.budget_change}
 
