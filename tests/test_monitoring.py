@@ -42,7 +42,7 @@ def test_throughput_leaves_out_evaluation_and_checkpoints(fast_cfg, tmp_path):
         assert prev["eval_seconds"] == 0 and r["eval_seconds"] > 0 and r["checkpoint_seconds"] > 0
         spent = r["time"] - prev["time"]
         assert spent > r["eval_seconds"] + r["checkpoint_seconds"]
-        assert r["eval_seconds"] > 0.75 * spent, f"the check needs an evaluation that dominates: {r}"
+        assert r["eval_seconds"] > 0.75 * spent, f"the evaluation must dominate: {r}"
         # Counting the evaluation would cut the rate to a quarter or less (the old rows after an
         # eval showed a quarter of the steady rate); the steps alone run at the usual speed.
         assert r["tokens_per_sec"] > 0.5 * statistics.median(plain), (r, plain)

@@ -353,7 +353,7 @@ def test_best_checkpoint_is_uploaded_when_the_final_model_is_worse(fast_cfg, roo
 
 
 def test_summary_holds_the_best_and_the_final_numbers(fast_cfg, tmp_path):
-    """Validation got worse after step 4: the summary keeps the best (with its step) and the last."""
+    """Validation got worse after step 4: the summary keeps the best (and its step) and the last."""
     cfg = _cfg(fast_cfg, "wb-summary", wandb__log_model=False)
     layout = RunLayout(tmp_path, "wb-summary")
     layout.run_dir.mkdir(parents=True)
