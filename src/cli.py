@@ -152,7 +152,7 @@ def cmd_plot(args, extra) -> int:
     from src.tools.plot import plot
 
     out = plot(args.runs, args.output, x=args.x, smooth=args.smooth, title=args.title,
-               data_root=args.data_root)
+               data_root=args.data_root, logy=args.logy)
     print(f"wrote {out}")
     return 0
 
@@ -187,11 +187,24 @@ def _doc(module: str) -> str:
     return importlib.import_module(module).__doc__ or ""
 
 
+TRAIN_EPILOG = """\
+any config field can be set on the command line as --section.key value, e.g.
+  --training.max_steps 2000 --training.learning_rate 3e-4 --model.n_layer 6
+  --training.max_seconds null          (null turns a limit off)
+  --wandb.mode offline                 (online | offline | disabled; $WANDB_MODE wins when set)
+  --wandb.project NAME --wandb.tags "[a, b]"
+every field, with its default: docs/configuration.md
+"""
+
+
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model (resumes automatically)")
+    p = sub.add_parser("train", help="train a model (resumes automatically)",
+                       epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _config_args(p)
-    p.add_argument("--no-wandb", action="store_true", help="do not log to Weights & Biases")
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--no-wandb", action="store_true",
+                   help="do not log to Weights & Biases (same as --wandb.mode disabled)")
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="auto (default: cuda, then mps, then cpu) or a device")
     p.add_argument("--resume", default="auto",
                    help="auto (newest checkpoint of this run), never (start over; the old run is "
                         "moved aside), or a checkpoint path")
@@ -212,21 +225,24 @@ def _add_train(sub) -> None:
 
 
 def _add_sample(sub) -> None:
-    p = sub.add_parser("sample", help="generate text from a checkpoint")
+    p = sub.add_parser("sample", help="generate text from a checkpoint",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("--prompt", action="append",
                    help="text to continue (repeat for several prompts; default: empty)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = always the likeliest")
+    p.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the likeliest tokens holding this probability")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--batch-size", type=int, default=8, help="samples generated together")
     p.add_argument("--seed", type=int, default=None, help="makes the samples repeatable")
     p.add_argument("--stop", action="append", help="end a sample before this string (repeatable)")
     p.add_argument("--ignore-eot", action="store_true",
                    help="keep generating past the end-of-text token")
-    p.add_argument("--device", default="cpu", choices=DEVICES)
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="auto: cuda, then mps, then cpu (as train)")
     p.set_defaults(fn=cmd_sample)
 
 
@@ -284,9 +300,15 @@ def _add_plot(sub) -> None:
                    help="run folder (data/checkpoints/<name>), its metrics.jsonl, or a run name")
     p.add_argument("-o", "--output", default=None,
                    help="image to write (.png, .svg, .pdf; default: <first run>/metrics.png)")
-    p.add_argument("--x", default="tokens", choices=list(X_AXES), help="x axis (default tokens)")
+    p.add_argument("--x", default="tokens", choices=list(X_AXES),
+                   help="x axis: tokens seen (default; lines up runs with different batch "
+                        "sizes), optimizer step, or training time")
     p.add_argument("--smooth", type=float, default=0.0,
-                   help="exponential smoothing of the training loss, 0 to 0.99 (default 0)")
+                   help="centred smoothing of the training loss, 0 to 0.99, as strong as an EMA "
+                        "of that factor but without its lag; the raw curve stays faint behind "
+                        "(default 0)")
+    p.add_argument("--logy", action="store_true",
+                   help="logarithmic y axis for the loss and bits-per-byte panels")
     p.add_argument("--title", default=None, help="figure title (default: the run names)")
     p.add_argument("--data-root", default=None,
                    help="where run names are looked up (default ./data)")

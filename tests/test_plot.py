@@ -84,3 +84,64 @@ def test_read_metrics_skips_a_line_cut_by_a_kill(tmp_path):
     p = tmp_path / "metrics.jsonl"
     p.write_text(json.dumps({"step": 1, "train/loss": 2.0}) + "\n" + '{"step": 2, "train/lo')
     assert read_metrics(p) == [{"step": 1, "train/loss": 2.0}]
+
+
+def test_smoothing_is_centred_and_the_raw_curve_stays_faint(tmp_path):
+    """On a falling loss an EMA draws above the curve (it lags); centred smoothing does not."""
+    from src.tools.plot import smooth_centred
+
+    trend = [5.0 - 0.01 * i for i in range(200)]
+    noisy = [y + (0.2 if i % 2 else -0.2) for i, y in enumerate(trend)]
+    smooth = smooth_centred(noisy, 0.9)
+    inner = range(20, 180)
+    assert max(abs(smooth[i] - trend[i]) for i in inner) < 0.03
+    ema, avg = [], noisy[0]
+    for y in noisy:
+        avg = 0.9 * avg + 0.1 * y
+        ema.append(avg)
+    assert min(ema[i] - trend[i] for i in inner) > 0.03  # the old smoothing: lagging above
+
+    p = tmp_path / "metrics.jsonl"
+    p.write_text("".join(json.dumps({"step": i + 1, "tokens": 100 * (i + 1), "train/loss": y})
+                         + "\n" for i, y in enumerate(noisy)))
+    loss = plot_runs([p], tmp_path / "s.png", smooth=0.9, logy=True).axes[0]
+    raw, line = loss.lines
+    assert raw.get_alpha() < 0.5 and raw.get_label().startswith("_")  # faint, not in the legend
+    assert list(raw.get_data()[1]) == noisy and list(line.get_data()[1]) == smooth
+    assert loss.get_yscale() == "log"
+
+
+def test_time_axis_and_runs_with_different_batch_sizes(two_runs, tmp_path, corpus):
+    from conftest import FAST, ROOT
+
+    from src.training.config import load_config
+
+    root, (hi, _) = two_runs
+    o = {**FAST, "data.source": str(corpus), "name": "big-batch", "training.batch_size": 8,
+         "training.eval_every": 4}
+    big = train(load_config(ROOT / "configs" / "tiny.yaml", o), data_root=root, device="cpu",
+                use_wandb=False).run_dir
+    fig = plot_runs([hi / "metrics.jsonl", big / "metrics.jsonl"], tmp_path / "t.png")
+    val_hi, val_big = (line for line in fig.axes[0].lines if line.get_label().endswith(" val"))
+    # Against tokens seen: the bigger batch's evaluations sit at twice the tokens.
+    assert list(val_big.get_data()[0]) == [2 * x for x in val_hi.get_data()[0]]
+
+    fig = plot_runs([hi / "metrics.jsonl"], tmp_path / "time.png", x="time")
+    rows = read_metrics(hi / "metrics.jsonl")
+    val = [line for line in fig.axes[0].lines if line.get_label().endswith(" val")][0]
+    assert list(val.get_data()[0]) == [r["time"] for r in rows if "val/loss" in r]
+
+    notes = []
+    from src.tools.plot import plot
+
+    plot([str(hi), str(big)], tmp_path / "steps.png", x="step", log=notes.append)
+    assert notes and "different tokens per step (256, 512)" in notes[0]
+
+
+def test_logy_on_the_command_line(two_runs, tmp_path, capsys):
+    root, (run, _) = two_runs
+    out = tmp_path / "logy.png"
+    assert main(["plot", str(run), "-o", str(out), "--logy", "--x", "time"]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    r = run_cli("plot", "--help", timeout=60)
+    assert "--logy" in r.stdout and "tokens seen" in r.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -71,7 +72,7 @@ def summarize(folder: Path, finished: bool = True) -> dict:
             break
         time.sleep(0.1)
     out = {"id": None, "history": [], "artifacts": [], "exit": False, "preempting": False,
-           "summary": {}}
+           "summary": {}, "exit_code": None}
     for r in recs:
         kind = r.WhichOneof("record_type")
         if kind == "run":
@@ -85,13 +86,14 @@ def summarize(folder: Path, finished: bool = True) -> dict:
             out["artifacts"].append({"name": r.artifact.name, "type": r.artifact.type,
                                      "aliases": list(r.artifact.aliases),
                                      "files": [e.path for e in r.artifact.manifest.contents],
+                                     "local": [e.local_path for e in r.artifact.manifest.contents],
                                      "metadata": json.loads(r.artifact.metadata or "{}")})
         elif kind == "summary":
             for i in r.summary.update:
                 if i.key:
                     out["summary"][i.key] = json.loads(i.value_json)
         elif kind == "exit":
-            out["exit"] = True
+            out["exit"], out["exit_code"] = True, r.exit.exit_code
         elif kind == "preempting":
             out["preempting"] = True
     return out
@@ -147,7 +149,14 @@ def test_offline_run_has_logged_keys_and_resume_continues_same_run(fast_cfg, roo
     run_id = torch.load(run_dir / "step_9.pt", weights_only=True)["wandb_run_id"]
     assert a["id"] == run_id and len(run_id) == 8
     assert a["exit"] and a["preempting"], "SIGTERM must finish the W&B run cleanly, as preempted"
-    assert "wandb sync" in first_out
+    assert a["exit_code"] == 0, "a run stopped to be resumed must not show as failed"
+    assert a["summary"]["status"].startswith("stopped by SIGTERM at step 9")
+    assert (run_dir / "wandb_run_id").read_text().strip() == run_id
+    assert "wandb sync --include-online" in first_out
+    # The samples table is incremental: each log sends only the new rows.
+    incs = [h for h in a["history"] if h.get("samples/_type") == "incremental-table-file"]
+    assert [[r[0] for r in json.loads((first / "files" / h["samples/path"]).read_text())["data"]]
+            for h in incs] == [[4], [8]]
 
     res = train(cfg, data_root=root, device="cpu")
     out = capsys.readouterr().out
@@ -175,8 +184,8 @@ def test_offline_run_has_logged_keys_and_resume_continues_same_run(fast_cfg, roo
     tokens = [h["tokens"] for h in a["history"] + b["history"] if "tokens" in h]
     assert tokens == sorted(tokens) and tokens[-1] == res.tokens
     # ... samples as a table of (step, prompt, text), keeping the first attempt's rows ...
-    tables = [h for h in b["history"] if h.get("samples/_type") == "table-file"]
-    assert tables
+    tables = [h for h in b["history"] if h.get("samples/_type") == "incremental-table-file"]
+    assert len(tables) == 1  # the resumed attempt's first increment carries the earlier rows
     table = json.loads((folders[1] / "files" / tables[-1]["samples/path"]).read_text())
     assert table["columns"] == ["step", "prompt", "text"]
     assert [r[0] for r in table["data"]] == [4, 8, 12]
@@ -186,8 +195,12 @@ def test_offline_run_has_logged_keys_and_resume_continues_same_run(fast_cfg, roo
     assert {"final", "best", "latest"} <= set(art["aliases"])
     assert art["metadata"]["val/loss"] == pytest.approx(res.val_loss)
     assert b["summary"]["val/loss"] == pytest.approx(res.val_loss)
-    assert b["exit"]
-    assert f"wandb sync {run_dir / 'wandb'}" in out
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last_train = [r for r in rows if "train/loss" in r][-1]
+    assert b["summary"]["final/train_loss"] == pytest.approx(last_train["train/loss"])
+    assert b["summary"]["tokens"] == res.tokens and b["summary"]["status"] == "finished"
+    assert b["exit"] and b["exit_code"] == 0
+    assert f"cd {run_dir / 'wandb'} && wandb sync --include-online ." in out
 
 
 def train_with_hook(hook: str, root: Path, args: list[str]):
@@ -224,6 +237,35 @@ def test_killed_run_keeps_its_wandb_run_id(corpus, root):
     b = summarize(second)
     assert b["id"] == run_id, "the re-run continues the same W&B run"
     assert min(h["_step"] for h in b["history"]) > 4
+    assert torch.load(run_dir / "final.pt", weights_only=True)["wandb_run_id"] == run_id
+
+
+def test_run_killed_before_its_first_checkpoint_keeps_its_wandb_run_id(corpus, root):
+    """SIGKILL before any checkpoint: the run id lives in the run folder from the start."""
+    args = fast_args(corpus, name="wb-early", training__max_steps=100000,
+                     training__checkpoint_every=100000, training__eval_every=100000)
+    run_dir = root / "checkpoints" / "wb-early"
+    p = subprocess.Popen([sys.executable, "-m", "src", "train", "--data-root", str(root),
+                          "--device", "cpu", *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):  # until W&B has started (its folder exists) and a few steps ran
+            if offline_folders(run_dir) and (run_dir / "metrics.jsonl").is_file() \
+                    and (run_dir / "metrics.jsonl").stat().st_size:
+                break
+            time.sleep(0.2)
+    finally:
+        p.kill()
+        p.wait()
+    assert not list(run_dir.glob("step_*.pt")), "the test needs a kill before any checkpoint"
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert offline_folders(run_dir)[0].name.endswith(f"-{run_id}")
+
+    short = fast_args(corpus, name="wb-early", training__max_steps=4)
+    r = run_cli("train", "--data-root", root, "--device", "cpu", "--samples", "0", *short)
+    assert r.returncode == 0, r.stderr[-2000:]
+    first, second = offline_folders(run_dir)
+    assert second.name.endswith(f"-{run_id}") and summarize(second)["id"] == run_id
     assert torch.load(run_dir / "final.pt", weights_only=True)["wandb_run_id"] == run_id
 
 
@@ -287,6 +329,48 @@ def test_best_checkpoint_is_uploaded_when_the_final_model_is_worse(fast_cfg, roo
     assert {"best", "step-4"} <= set(best["aliases"]) and "final" not in best["aliases"]
     assert {"latest", "final"} <= set(final["aliases"]) and "best" not in final["aliases"]
     assert best["metadata"]["val/loss"] == 2.0 and best["metadata"]["step"] == 4
+    # The files W&B uploads at sync time live inside the run folder (on Modal: on the volume),
+    # as hard links: no second copy in a staging folder elsewhere ...
+    wandb_dir = run_dir / "wandb"
+    for art, model in ((best, best_model), (final, model_path)):
+        [local] = art["local"]
+        assert not Path(local).is_absolute(), local
+        assert os.path.samefile(wandb_dir / local, model)
+    assert not any((Path(os.environ["WANDB_DATA_DIR"]) / "artifacts" / "staging").glob("*"))
+    # ... named relative to the wandb/ folder, where the printed sync command runs: a copy of
+    # that folder elsewhere (`modal volume get`), with the originals gone, still has the models.
+    want = {p.name: p.read_bytes() for p in (best_model, model_path)}
+    copy = tmp_path / "elsewhere" / "wb-best-wandb"
+    shutil.copytree(wandb_dir, copy)
+    shutil.rmtree(run_dir)
+    shutil.rmtree(model_path.parent)
+    [folder] = sorted(copy.glob("offline-run-*"))
+    for art in summarize(folder)["artifacts"]:
+        if art["type"] == "model":
+            [local], [name] = art["local"], art["files"]
+            assert (copy / local).read_bytes() == want[name]
+    assert any("cd " in x and "&& wandb sync --include-online ." in x for x in logs)
+
+
+def test_summary_holds_the_best_and_the_final_numbers(fast_cfg, tmp_path):
+    """Validation got worse after step 4: the summary keeps the best (and its step) and the last."""
+    cfg = _cfg(fast_cfg, "wb-summary", wandb__log_model=False)
+    layout = RunLayout(tmp_path, "wb-summary")
+    layout.run_dir.mkdir(parents=True)
+    sink = wandb_sink.open_wandb(cfg, layout, None, False, log=lambda *a: None)
+    m = Metrics([JsonlSink(layout.metrics, None), sink])
+    m.log({"step": 2, "tokens": 50, "time": 1.0, "train/loss": 4.0, "cost_usd": 0.01})
+    m.log({"step": 4, "tokens": 100, "time": 2.0, "train/loss": 3.0, "cost_usd": 0.02})
+    m.log({"step": 4, "tokens": 100, "val/loss": 2.0, "val/bpb": 1.0})
+    m.log({"step": 8, "tokens": 200, "time": 4.0, "train/loss": 2.5, "cost_usd": 0.04})
+    m.log({"step": 8, "tokens": 200, "val/loss": 3.0, "val/bpb": 1.5})
+    m.call("on_final", layout.final, layout.model_final, {"val/loss": 3.0, "val/bpb": 1.5})
+    m.close()
+    got = summarize(offline_folders(layout.run_dir)[0])["summary"]
+    assert (got["val/loss"], got["val/bpb"], got["best/step"]) == (2.0, 1.0, 4)
+    assert (got["final/val_loss"], got["final/val_bpb"]) == (3.0, 1.5)
+    assert got["final/train_loss"] == got["train/loss"] == 2.5, "the last value, not the lowest"
+    assert (got["tokens"], got["time"], got["cost_usd"]) == (200, 4.0, 0.04)
 
 
 # ----------------------------------------------------------------------------- modes and keys
@@ -363,6 +447,34 @@ def test_unreachable_server_falls_back_to_offline(monkeypatch, tmp_path, fast_cf
     assert s["id"] == "abcd1234" and s["history"][0]["train/loss"] == 5.0
 
 
+def test_online_start_that_times_out_falls_back_to_a_complete_offline_run(
+        monkeypatch, tmp_path, fast_cfg):
+    """A server that accepts connections and never answers: the start times out, W&B's service
+    still holds the run id; the fallback must still write a whole offline run with that id."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)  # the kernel accepts connections; nobody ever reads or answers
+    try:
+        monkeypatch.setenv("WANDB_MODE", "online")
+        monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.setenv("WANDB_INIT_TIMEOUT", "5")
+        cfg = fast_cfg(name="wb-silent-server", wandb__mode="online")
+        logs = []
+        sink = wandb_sink.open_wandb(cfg, RunLayout.of_run_dir(tmp_path), "feed1234", False,
+                                     log=logs.append)
+        assert sink is not None and sink.mode == "offline", logs
+        assert any("logging offline instead" in x for x in logs)
+        sink.log({"step": 1, "train/loss": 5.0})
+        sink.close()
+    finally:
+        server.close()
+    s = summarize(offline_folders(tmp_path)[0])
+    assert s["id"] == "feed1234" and s["history"][0]["train/loss"] == 5.0 and s["exit"]
+
+
 # ----------------------------------------------------------------------------- sinks and console
 
 
@@ -407,3 +519,45 @@ def test_console_bar_on_a_terminal():
     text = out.getvalue()
     assert " 20%|" in text and "loss 2.5000" in text and "12.3k tok/s" in text
     assert "MFU 40.0%" in text and "ETA 3m05s" in text and "val loss 2.2500" in text
+
+
+def test_console_shows_progress_in_the_budgets_unit():
+    row = {**ROW, "time": 35.0}
+    out = io.StringIO()
+    Console(100000, out=out, max_seconds=180).log(row)  # the time budget ends the run first
+    assert out.getvalue().startswith("step    120 | 0m35s/3m00s | loss 2.5000")
+    out = io.StringIO()
+    Console(100000, out=out, max_tokens=2_000_000).log(row)
+    assert out.getvalue().startswith("step    120 | 491.5k/2.0M tokens | loss")
+    out = io.StringIO()
+    Console(100000, out=out, max_cost=0.5).log(row)
+    assert out.getvalue().startswith("step    120 | $0.12/$0.50 | loss")
+    assert "/100000" not in out.getvalue()
+
+
+def test_messages_print_above_the_bar_not_onto_it():
+    out = io.StringIO()
+    c = Console(600, out=out, bar=True)
+    say = c.through(lambda text: print(text, file=out))
+    c.log(ROW)
+    say("done: step 600")
+    c.close()
+    lines = [x.strip() for x in out.getvalue().replace("\r", "\n").splitlines()]
+    assert "done: step 600" in lines, out.getvalue()
+
+
+def test_wandb_warnings_are_shown(fast_cfg, tmp_path, capfd, monkeypatch):
+    """W&B's own warnings (here: rows it drops) reach the console; its banners do not."""
+    import wandb
+
+    monkeypatch.delenv("WANDB_SILENT", raising=False)  # the tests' default; users lack it
+    wandb.teardown()  # W&B read its settings (WANDB_SILENT) once per process: read them again
+    cfg = fast_cfg(name="wb-warn")
+    sink = wandb_sink.open_wandb(cfg, RunLayout.of_run_dir(tmp_path), None, False,
+                                 log=lambda *a: None)
+    sink.log({"step": 5, "train/loss": 1.0})
+    sink.run.log({"train/loss": 2.0}, step=3)  # W&B drops it: steps must increase
+    sink.close()
+    err = capfd.readouterr().err
+    assert "WARNING" in err and "step 3" in err
+    assert "View project at" not in err and "Tracking run with wandb" not in err

@@ -67,6 +67,12 @@ class TrainingConfig(_Section):
         "cosine", description="lr after warmup: cosine, linear, warmup-stable-decay or constant"
     )
     decay_frac: float = Field(0.2, gt=0, le=1, description="wsd: share of the run spent decaying")
+    budget_change: Literal["continue", "rewarm", "restretch"] = Field(
+        "continue", description="resuming with a different budget (max_steps, max_tokens, "
+        "max_seconds): continue from the lr reached (a finished run stays at its final lr) and "
+        "decay to the end over the new budget; rewarm to the peak over warmup_steps, then decay; "
+        "or restretch the schedule over the new budget as if set from the start (the lr jumps)"
+    )
     optimizer: Literal["adamw", "muon"] = Field("adamw", description="muon: Muon for matrices")
     muon_lr: float = Field(0.02, gt=0, description="muon: learning rate of the matrix weights")
     weight_decay: float = Field(

@@ -1,12 +1,14 @@
 """Where metrics go: metrics.jsonl (always, the local source of truth), the console, and W&B.
 
 Every sink takes the same calls: log(row) and close(), and optionally on_checkpoint(path, step),
-on_final(final_ckpt, model_path, last_val) and on_interrupt(signum). A sink that raises is
+on_final(final_ckpt, model_path, last_val) and on_interrupt(signum, step). A sink that raises is
 reported once and switched off, so a monitoring problem never stops training.
 
-A row is a flat dict with `step` and any of: tokens, time, train/loss, lr, grad_norm,
-tokens_per_sec, mfu, eta_seconds, progress, memory/*, cost_usd (training rows); val/loss, val/ppl,
-val/bpb and samples [{prompt, text}] (evaluation rows).
+A row is a flat dict with `step` and any of: tokens, time, train/loss (the mean over the log
+interval), lr, grad_norm, tokens_per_sec and mfu (training steps only), eval_seconds and
+checkpoint_seconds (time spent on them since the previous training row), eta_seconds, progress,
+memory/*, cost_usd (training rows); val/loss, val/ppl, val/bpb and samples [{prompt, text}]
+(evaluation rows).
 """
 
 from __future__ import annotations
@@ -61,13 +63,19 @@ class JsonlSink:
 class Console:
     """Progress: a bar (tqdm) on a terminal, one plain line per log interval otherwise.
 
-    Both show step, loss, tokens/s, MFU (where the GPU's peak is known), ETA and cost; plain lines
-    keep logs that are not terminals (Modal's, files, CI) readable.
+    Both show progress in the unit of the budget that ends the run first (steps, tokens, training
+    time or cost), loss, tokens/s, MFU (where the GPU's peak is known), ETA and cost; plain lines
+    keep logs that are not terminals (Modal's, files, CI) readable. `through(log)` makes other
+    messages print above the bar instead of onto it.
     """
 
     name = "console"
 
-    def __init__(self, max_steps: int, out=None, bar: bool | None = None):
+    def __init__(self, max_steps: int, out=None, bar: bool | None = None,
+                 max_tokens: int | None = None, max_seconds: float | None = None,
+                 max_cost: float | None = None):
+        self.limits = {"step": max_steps, "tokens": max_tokens, "time": max_seconds,
+                       "cost_usd": max_cost}
         self.max_steps = max_steps
         self.out = out or sys.stdout
         self.use_bar = _isatty(self.out) if bar is None else bar
@@ -86,10 +94,36 @@ class Console:
         for s in row.get("samples") or []:
             self._write(f"--- sample (step {row['step']}) ---\n{s['prompt']}{s['text']}\n---")
 
+    def through(self, log):
+        """`log`, printing above the bar (never glued onto it) while the bar is shown."""
+        def say(*args, **kwargs):
+            if self.bar is None:
+                return log(*args, **kwargs)
+            self.bar.clear()
+            try:
+                return log(*args, **kwargs)
+            finally:
+                self.bar.refresh()
+        return say
+
+    def unit(self, row: dict) -> str:
+        """The budget that ends the run first, judged on this row: step, tokens, time or cost."""
+        shares = {k: row[k] / lim for k, lim in self.limits.items()
+                  if lim and row.get(k) is not None}
+        return max(shares, key=shares.get) if shares else "step"
+
     def _parts(self, row: dict, plain: bool) -> list[str]:
-        step = f"step {row['step']:>6}/{self.max_steps}" if plain else \
-            f"step {row['step']}/{self.max_steps}"
-        parts = [step, f"loss {row['train/loss']:.4f}"]
+        unit = self.unit(row)
+        lim = self.limits[unit]
+        width = 6 if plain else 0
+        if unit == "step":
+            parts = [f"step {row['step']:>{width}}/{lim}"]
+        else:
+            done = {"tokens": lambda v: f"{_fmt_count(v)}/{_fmt_count(lim)} tokens",
+                    "time": lambda v: f"{_fmt_secs(v)}/{_fmt_secs(lim)}",
+                    "cost_usd": lambda v: f"${v:.2f}/${lim:.2f}"}[unit](row[unit])
+            parts = [f"step {row['step']:>{width}}", done]
+        parts.append(f"loss {row['train/loss']:.4f}")
         if plain and row.get("lr") is not None:
             parts.append(f"lr {row['lr']:.2e}")
         if row.get("tokens_per_sec") is not None:
@@ -98,7 +132,7 @@ class Console:
             parts.append(f"MFU {100 * row['mfu']:.1f}%")
         if row.get("eta_seconds") is not None:
             parts.append(f"ETA {_fmt_secs(row['eta_seconds'])}")
-        if row.get("cost_usd") is not None:
+        if row.get("cost_usd") is not None and unit != "cost_usd":
             parts.append(f"${row['cost_usd']:.2f}")
         return parts
 
@@ -139,6 +173,13 @@ def _isatty(f) -> bool:
 
 def _fmt_rate(x: float) -> str:
     return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}k" if x >= 1e4 else f"{x:,.0f}"
+
+
+def _fmt_count(x: float) -> str:
+    for div, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if x >= div:
+            return f"{x / div:.1f}{suffix}"
+    return f"{x:.0f}"
 
 
 def _fmt_secs(s: float) -> str:

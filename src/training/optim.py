@@ -39,21 +39,41 @@ def build_optimizer(model: torch.nn.Module, t, device_type: str) -> torch.optim.
     return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), eps=1e-8, **kw)
 
 
-def lr_factor(t, step: int, progress: float) -> float:
-    """Multiplier of the peak learning rate at this step and progress."""
+def lr_factor(t, step: int, progress: float, since: dict | None = None) -> float:
+    """Multiplier of the peak learning rate at this step and progress.
+
+    since: set when a resumed run changed its budget (training.budget_change):
+    {"step", "progress", "factor", "mode"} at the change; the schedule then goes on from there.
+    """
+    if since:
+        return _after_change(t, step, progress, since)
     warm = min(1.0, (step + 1) / t.warmup_steps) if t.warmup_steps else 1.0
+    return warm * _decay(t, progress)
+
+
+def _decay(t, progress: float) -> float:
     p = min(max(progress, 0.0), 1.0)
     lo = t.min_lr_ratio
     if t.schedule == "constant":
-        decay = 1.0
-    elif t.schedule == "linear":
-        decay = 1.0 - (1.0 - lo) * p
-    elif t.schedule == "wsd":
+        return 1.0
+    if t.schedule == "linear":
+        return 1.0 - (1.0 - lo) * p
+    if t.schedule == "wsd":
         start = 1.0 - t.decay_frac
-        decay = 1.0 if p <= start else 1.0 - (1.0 - lo) * (p - start) / t.decay_frac
-    else:
-        decay = lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * p))
-    return warm * decay
+        return 1.0 if p <= start else 1.0 - (1.0 - lo) * (p - start) / t.decay_frac
+    return lo + (1.0 - lo) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def _after_change(t, step: int, progress: float, since: dict) -> float:
+    p0, f0, lo = since["progress"], since["factor"], t.min_lr_ratio
+    q = (progress - p0) / max(1.0 - p0, 1e-9)  # progress through what the change added
+    shape = _decay(t, q)
+    if since["mode"] == "rewarm":
+        n = step - since["step"]
+        warm = min(1.0, (n + 1) / t.warmup_steps) if t.warmup_steps else 1.0
+        return f0 + (shape - f0) * warm
+    # continue: from the rate reached down to the end value, in the schedule's own shape
+    return f0 if lo >= 1.0 else lo + (f0 - lo) * max(shape - lo, 0.0) / (1.0 - lo)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:

@@ -23,6 +23,7 @@ class TrainState:
     wandb_run_id: str | None = None
     best_val_loss: float | None = None
     skipped_nonfinite: int = 0  # updates skipped for NaN/Inf (training.skip_nonfinite)
+    schedule_from: dict | None = None  # where a budget change resumed the schedule (optim)
 
     def to_checkpoint(self) -> dict:
         return asdict(self)
@@ -33,7 +34,8 @@ class TrainState:
         return cls(step=int(d["step"]), tokens=int(d["tokens"]),
                    elapsed=float(d.get("elapsed") or 0.0), wandb_run_id=d.get("wandb_run_id"),
                    best_val_loss=d.get("best_val_loss"),
-                   skipped_nonfinite=int(d.get("skipped_nonfinite") or 0))
+                   skipped_nonfinite=int(d.get("skipped_nonfinite") or 0),
+                   schedule_from=d.get("schedule_from"))
 
 
 def rng_state(device: torch.device) -> dict:

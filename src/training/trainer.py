@@ -14,6 +14,7 @@ elapsed time, W&B run id).
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 import time
@@ -192,6 +193,8 @@ class Trainer:
         if state is not None and (self.budget.done(self.s.step, self.s.tokens)
                                   or self.budget.over_cost()):
             return self.already_done(state, state_path)
+        if state is not None:
+            self._budget_change(state)
         self.loop()
         return self.finish()
 
@@ -326,8 +329,11 @@ class Trainer:
         if not self.master:
             return []
         resumed = state is not None
-        sinks = [JsonlSink(self.layout.metrics, self.s.step if resumed else None),
-                 Console(self.t.max_steps)]
+        t = self.t
+        console = Console(t.max_steps, max_tokens=t.max_tokens, max_seconds=t.max_seconds,
+                          max_cost=self.cfg.modal.max_cost_usd if self.cost_per_hour else None)
+        self.say = console.through(self.say)  # messages print above the progress bar
+        sinks = [JsonlSink(self.layout.metrics, self.s.step if resumed else None), console]
         if self.use_wandb:
             from src.training.wandb_sink import open_wandb
 
@@ -340,12 +346,38 @@ class Trainer:
                 self.s.wandb_run_id = wb.run_id
         return sinks
 
+    def _budget_change(self, state: dict) -> None:
+        """A resumed run whose budget changed: say so, and go on per training.budget_change."""
+        keys = ("max_steps", "max_tokens", "max_seconds")
+        old_t = config_from_dict(state["config"]).training
+        changed = [f"training.{k} {getattr(old_t, k)} -> {getattr(self.t, k)}" for k in keys
+                   if getattr(old_t, k) != getattr(self.t, k)]
+        s, t = self.s, self.t
+        if not changed or s.step < t.warmup_steps:
+            return
+        p_old = Budget(old_t).progress(s.step, s.tokens, s.elapsed)
+        f0 = lr_factor(old_t, s.step, p_old, s.schedule_from)
+        p0 = self.budget.progress(s.step, s.tokens)
+        lr = t.learning_rate
+        what = {"continue": f"continues from {f0 * lr:.2e} and decays to the end value over the "
+                            "new budget",
+                "rewarm": f"warms from {f0 * lr:.2e} back up to {lr:.2e} over {t.warmup_steps} "
+                          "steps, then decays over the new budget",
+                "restretch": f"follows the schedule stretched over the new budget: it jumps to "
+                             f"{lr_factor(t, s.step, p0) * lr:.2e}"}[t.budget_change]
+        others = ", ".join(m for m in ("continue", "rewarm", "restretch") if m != t.budget_change)
+        self.say(f"note: the budget changed since step {s.step} ({', '.join(changed)}; the old "
+                 f"one was {min(p_old, 1):.0%} used); the learning rate {what} "
+                 f"(training.budget_change: {t.budget_change}; the others: {others})")
+        s.schedule_from = None if t.budget_change == "restretch" else {
+            "step": s.step, "progress": p0, "factor": f0, "mode": t.budget_change}
+
     # ------------------------------------------------------------------ loop
 
     def loop(self) -> None:
         t, s = self.t, self.s
         self.p_start = self.budget.progress(s.step, s.tokens)
-        self.win_tokens, self.win_start = 0, time.time()
+        self._new_window()
         self.bad_seen = (torch.zeros((), dtype=torch.bool, device=self.dev)
                          if self.dev.type == "cuda" else None)
         self.stopped = False
@@ -367,9 +399,11 @@ class Trainer:
                 if s.step % t.log_every == 0 or last or s.step == 1:
                     self.log_train(out, last)
                 if s.step % t.eval_every == 0 or last:
-                    self.log_eval(samples=not last)
+                    with self._aside("eval"):
+                        self.log_eval(samples=not last)
                 if self.hellaswag and (s.step % t.hellaswag_every == 0 or last):
-                    row = {"step": s.step, "tokens": s.tokens, **self.hellaswag()}
+                    with self._aside("eval"):
+                        row = {"step": s.step, "tokens": s.tokens, **self.hellaswag()}
                     self.say(f"step {s.step:>6} | hellaswag acc_norm "
                              f"{row['hellaswag/acc_norm']:.4f}")
                     self.metrics.log(row)
@@ -377,13 +411,14 @@ class Trainer:
                 if stop is not None:
                     self.interrupt(stop, sig.got)
                 if s.step % t.checkpoint_every == 0 and not last:
-                    self.save(self.layout.step(s.step))
-                    self.metrics.call("on_checkpoint", self.layout.step(s.step), s.step)
+                    with self._aside("checkpoint"):
+                        self.save(self.layout.step(s.step))
+                        self.metrics.call("on_checkpoint", self.layout.step(s.step), s.step)
 
     def step(self, sig) -> StepOut:
         """One optimizer step: accumulate micro-batches, clip, check, update."""
         t, s, accum = self.t, self.s, self.accum
-        factor = lr_factor(t, s.step, self.budget.progress(s.step, s.tokens))
+        factor = lr_factor(t, s.step, self.budget.progress(s.step, s.tokens), s.schedule_from)
         set_lr(self.optimizer, factor)
         loss_sum = torch.zeros((), device=self.dev)
         for micro in range(accum):
@@ -409,6 +444,9 @@ class Trainer:
             self.scaler.update()
         elif not skip:
             self.optimizer.step()
+        if not skip:  # train/loss is the mean over the log interval (no sync here)
+            self.win_loss += loss_sum
+            self.win_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         s.step += 1
         s.tokens += self.tokens_per_step
@@ -442,18 +480,40 @@ class Trainer:
         self.metrics.log({"step": s.step + 1, "skipped_nonfinite": s.skipped_nonfinite})
         return False
 
+    def _new_window(self) -> None:
+        """Start a log interval: its tokens, summed loss, and the time spent outside training."""
+        self.win_tokens, self.win_start = 0, time.time()
+        self.win_loss, self.win_steps = torch.zeros((), device=self.dev), 0
+        self.aside = {"eval": 0.0, "checkpoint": 0.0}
+
+    @contextlib.contextmanager
+    def _aside(self, kind: str):
+        """Time work that is not training (eval, samples, checkpoints): throughput leaves it out."""
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)  # queued training steps count as training
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.aside[kind] += time.time() - t0
+
     def log_train(self, out: StepOut, last: bool) -> None:
         s, now = self.s, time.time()
-        tps = self.win_tokens / max(now - self.win_start, 1e-9)
-        self.win_tokens, self.win_start = 0, now
+        tps = self.win_tokens / max(now - self.win_start - sum(self.aside.values()), 1e-9)
+        loss = self.win_loss if self.win_steps else out.loss_sum
+        loss = loss.item() / max(self.win_steps, 1) / self.world
+        aside = self.aside
+        self._new_window()
         p = self.budget.progress(s.step, s.tokens, self.budget.elapsed())
         eta = (now - self.budget.started) * (1 - p) / max(p - self.p_start, 1e-9)
         row = {
             "step": s.step, "tokens": s.tokens, "time": round(self.budget.elapsed(), 3),
-            "train/loss": out.loss_sum.item() / self.world, "lr": self.t.learning_rate * out.factor,
+            "train/loss": loss, "lr": self.t.learning_rate * out.factor,
             "grad_norm": float(out.grad_norm), "tokens_per_sec": tps,
             "flops_per_sec": tps * self.flops_tok,
             "mfu": tps * self.flops_tok / self.peak if self.peak else None,
+            "eval_seconds": round(aside["eval"], 3),
+            "checkpoint_seconds": round(aside["checkpoint"], 3),
             "eta_seconds": eta, "progress": p,
         }
         if self.cost_per_hour:
@@ -476,7 +536,8 @@ class Trainer:
         self.last_val.pop("val/tokens", None)
         if s.best_val_loss is None or self.last_val["val/loss"] < s.best_val_loss:
             s.best_val_loss = self.last_val["val/loss"]
-        row = {"step": s.step, "tokens": s.tokens, **self.last_val}
+        row = {"step": s.step, "tokens": s.tokens, "time": round(self.budget.elapsed(), 3),
+               **self.last_val}
         if samples and self.t.num_samples and (self.master or sharded):  # FSDP: all ranks
             row["samples"] = self.samples()
         self.metrics.log(row)
@@ -519,7 +580,7 @@ class Trainer:
         path = self.layout.step(self.s.step)
         self.save(path)
         dist.barrier()
-        self.metrics.call("on_interrupt", got)
+        self.metrics.call("on_interrupt", got, self.s.step)
         self.metrics.close()
         raise Interrupted(f"{signal.Signals(stop).name}: saved {path} at step {self.s.step}; "
                           "re-run to resume", stop)

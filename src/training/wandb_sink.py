@@ -2,7 +2,8 @@
 
 Modes (wandb.mode, or $WANDB_MODE which wins when set): online, offline, disabled. Every mode
 keeps W&B's run folder inside the run's own folder (<run>/wandb/), so an offline run (or an
-online one whose upload did not finish) can be uploaded later with `wandb sync <run>/wandb`.
+online one whose upload did not finish) can be uploaded later with the printed `wandb sync`
+command, which runs inside <run>/wandb.
 
 What can go wrong, and what happens:
 - online, no API key: `check_online_ready` refuses before training, with the fix (local lookups
@@ -11,8 +12,9 @@ What can go wrong, and what happens:
 - any W&B error during the run: a warning, W&B is switched off (metrics.Metrics drops the sink);
   training, checkpoints and metrics.jsonl carry on.
 
-Resume: the run id is saved in every checkpoint; a resumed run calls init with the same id and
-resume="allow", so W&B shows one run whose steps keep increasing.
+Resume: the run id is written to <run>/wandb_run_id before W&B starts (so a run killed before
+its first checkpoint keeps it) and saved in every checkpoint; a re-run calls init with the same id
+and resume="allow", so W&B shows one run whose steps keep increasing.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
+import shutil
+import signal
 import socket
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -36,10 +41,36 @@ DEFAULT_BASE_URL = "https://api.wandb.ai"
 INIT_TIMEOUT_S = 30  # W&B's default is 90 s
 FINISH_TIMEOUT_S = 600  # never block a (paid) container for ever on a slow final upload
 PROBE_TIMEOUT_S = 5
+RUN_ID_FILE = "wandb_run_id"  # in the run folder, next to config.yaml
 
 
 def new_run_id() -> str:
     return secrets.token_hex(4)
+
+
+def stored_run_id(layout: RunLayout) -> str | None:
+    """The W&B run id an earlier attempt of this run wrote, if any."""
+    try:
+        text = (layout.run_dir / RUN_ID_FILE).read_text().strip()
+    except OSError:
+        return None
+    return text if re.fullmatch(r"[a-z0-9]{1,64}", text) else None
+
+
+def store_run_id(layout: RunLayout, run_id: str) -> None:
+    """Write the run id atomically (a kill leaves the old file or the new one, never half)."""
+    path = layout.run_dir / RUN_ID_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+
+
+def init_timeout() -> float:
+    """Seconds W&B may take to start a run: $WANDB_INIT_TIMEOUT, else 30 (W&B's default: 90)."""
+    try:
+        return float(os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT_S)
+    except ValueError:
+        return INIT_TIMEOUT_S
 
 
 def resolve_mode(cfg) -> str:
@@ -179,14 +210,19 @@ class WandbSink:
         self.layout, self.run_dir = layout, layout.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.mode = mode or resolve_mode(cfg)
-        self.run_id = run_id or new_run_id()
+        stored = stored_run_id(layout)
+        self.run_id = run_id or stored or new_run_id()
+        store_run_id(layout, self.run_id)
+        continued = resumed or stored == self.run_id  # W&B may already have steps of this run
         self._signal: int | None = None
+        self._step = 0
         self._last_val: dict | None = None
-        self._samples: list[list] = []
+        self._old_samples: list[list] = []
+        self._table = None
         self._dropped = 0  # rows W&B already had (see _floor)
         self._best = None
         if resumed:
-            self._samples = _previous_samples(layout.metrics)
+            self._old_samples = _previous_samples(layout.metrics)
             self._best = _read_json(self.layout.best_record)
 
         config = cfg.to_dict()
@@ -205,13 +241,19 @@ class WandbSink:
                 raise
             log(f"warning: W&B did not start online ({type(e).__name__}: {e}); logging offline "
                 "instead (upload later with the `wandb sync` command printed at the end)")
+            # The timed-out start still holds this run id inside W&B's service process: stop
+            # that service, so that a fresh one starts the same id offline.
+            with contextlib.suppress(Exception):
+                self.wandb.teardown()
             self.mode = "offline"
             self.run = self._init(config)
         # Rows below the first step W&B expects would be dropped by W&B (steps must increase):
         # a resumed online run after a hard kill already has the steps past its last checkpoint.
-        self._floor = int(getattr(self.run, "starting_step", 0) or 0) if resumed else 0
+        self._floor = int(getattr(self.run, "starting_step", 0) or 0) if continued else 0
         with contextlib.suppress(Exception):  # only a nicety of the run's summary
-            for key in ("train/loss", "val/loss", "val/bpb"):
+            self.run.summary["status"] = "running"
+            self.run.define_metric("train/loss", summary="last")
+            for key in ("val/loss", "val/bpb"):
                 self.run.define_metric(key, summary="min")
         if self.mode == "online" and self.run.url:
             log(f"W&B run: {self.run.url}")
@@ -232,8 +274,10 @@ class WandbSink:
             resume="allow",
             dir=str(self.run_dir),
             mode=self.mode,
-            settings=w.Settings(init_timeout=INIT_TIMEOUT_S, finish_timeout=FINISH_TIMEOUT_S,
-                                silent=True),
+            # quiet, not silent: W&B's own warnings and errors (network, quota, auth, dropped
+            # rows) still print, one line each; its banners and links do not.
+            settings=w.Settings(init_timeout=init_timeout(), finish_timeout=FINISH_TIMEOUT_S,
+                                quiet=True, show_info=False),
         )
 
     @property
@@ -244,7 +288,7 @@ class WandbSink:
     # ------------------------------------------------------------------ sink calls
 
     def log(self, row: dict) -> None:
-        step = int(row["step"])
+        step = self._step = int(row["step"])
         if "val/loss" in row:
             self._last_val = {k: v for k, v in row.items() if k != "samples"}
         if step < self._floor:
@@ -257,10 +301,8 @@ class WandbSink:
         data = {k: v for k, v in row.items()
                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if row.get("samples"):
-            self._samples += [[step, s["prompt"], s["text"]] for s in row["samples"]]
-            # A fresh table holding every sample so far: the newest one shows the whole story.
-            data["samples"] = self.wandb.Table(columns=["step", "prompt", "text"],
-                                               data=[list(r) for r in self._samples])
+            data["samples"] = self._samples_table([[step, s["prompt"], s["text"]]
+                                                   for s in row["samples"]])
         if data:
             self.run.log(data, step=step)
 
@@ -285,7 +327,7 @@ class WandbSink:
         (self.layout.best_record).write_text(json.dumps(self._best, indent=1) + "\n")
 
     def on_final(self, final_path: Path, model_path: Path, last_val: dict) -> None:
-        for k, v in last_val.items():
+        for k, v in final_summary(self.layout.metrics).items():
             self.run.summary[k] = v
         if not self.cfg.wandb.log_model:
             return
@@ -301,10 +343,17 @@ class WandbSink:
         self._artifact(model_path, aliases, {"kind": "final", **last_val})
         self.layout.best.unlink(missing_ok=True)  # the link is no longer needed
 
-    def on_interrupt(self, signum: int) -> None:
-        """SIGTERM/SIGINT: tell W&B this run is being preempted (it will resume)."""
+    def on_interrupt(self, signum: int, step: int | None = None) -> None:
+        """SIGTERM/SIGINT: tell W&B this run is being preempted (it will resume).
+
+        The run then finishes with exit code 0, so W&B shows it stopped, not failed (a non-zero
+        exit code reads as a failure); its summary says why and how to continue.
+        """
         self._signal = signum
         self.run.mark_preempting()
+        name = signal.Signals(signum).name if signum else "a signal"
+        self.run.summary["status"] = (f"stopped by {name} at step {step or self._step} with a "
+                                      "checkpoint; re-run to resume")
 
     def close(self) -> None:
         run, self.run = getattr(self, "run", None), None
@@ -312,7 +361,7 @@ class WandbSink:
             return
         folder = Path(run.dir).parent
         try:
-            run.finish(exit_code=128 + self._signal if self._signal else None)
+            run.finish(exit_code=0 if self._signal else None)
         except Exception:
             # W&B's service is gone: drop its connection now (a later run in this process gets
             # a fresh one, and no exit hook prints a traceback for it), then report as usual.
@@ -321,15 +370,53 @@ class WandbSink:
             raise
         if self.mode == "offline" or getattr(run, "_finish_timed_out", False):
             self._log(f"W&B run saved offline in {folder}; upload it (with any earlier attempts "
-                      f"of this run) with:\n  wandb sync {_shown(folder.parent)}")
+                      f"of this run) with:\n  {sync_command(folder.parent)}")
 
     # ------------------------------------------------------------------ internals
+
+    def _samples_table(self, rows: list[list]):
+        """One incremental table: each log sends only the new rows, W&B shows them all.
+
+        A resumed attempt whose W&B run does not know the table yet (offline, or a run W&B never
+        got) starts with the earlier attempts' samples, so the table still holds the whole story.
+        """
+        if self._table is None:
+            self._table = self.wandb.Table(columns=["step", "prompt", "text"],
+                                           log_mode="INCREMENTAL")
+            if not _has_table(self.run, "samples"):
+                rows = self._old_samples + rows
+        for r in rows:
+            self._table.add_data(*r)
+        return self._table
 
     def _artifact(self, path: Path, aliases: list[str], metadata: dict) -> None:
         art = self.wandb.Artifact(f"{self.cfg.name}-model", type="model",
                                   metadata={k: v for k, v in metadata.items() if v is not None})
-        art.add_file(str(path))
+        staged = self._stage(path)
+        entry = art.add_file(str(staged), name=path.name, policy="immutable")
+        if self.mode == "offline":
+            # W&B uploads the file from this path when the run is synced, from the directory the
+            # sync command runs in: relative to the wandb/ folder (where the printed command
+            # runs), so a copy of that folder anywhere (a `modal volume get`) still has its model.
+            entry.local_path = os.path.relpath(staged, self.folder.parent)
         self.run.log_artifact(art, aliases=aliases)
+
+    def _stage(self, path: Path) -> Path:
+        """The model file, linked into this attempt's W&B folder (<run>/wandb/<attempt>/staged/).
+
+        W&B's default copies it to a staging folder of its own, outside the run: on Modal that
+        copy stays in the container, not on the volume, and it doubles the disk used until an
+        upload. A hard link costs no space and travels with the run folder; slm replaces model
+        files by renaming new ones over them, so the linked content never changes.
+        """
+        staged = self.folder / "staged" / path.name
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        staged.unlink(missing_ok=True)
+        try:
+            os.link(path, staged)
+        except OSError:  # no hard links here (another file system): a copy, still in the run
+            shutil.copy2(path, staged)
+        return staged
 
     def _best_model(self, ckpt_path: Path) -> Path | None:
         """The best checkpoint as a weights-only model file beside the final one."""
@@ -343,6 +430,48 @@ class WandbSink:
         slim = {k: state[k] for k in keep if k in state}
         slim["val_loss"], slim["val_bpb"] = self._best["val/loss"], self._best.get("val/bpb")
         return ckpt.save(slim, self.layout.model_best)
+
+
+def sync_command(wandb_dir: Path) -> str:
+    """The command that uploads every attempt of a run: offline ones, and online ones whose
+    upload did not finish (`wandb sync` skips online-run folders unless told otherwise).
+
+    It runs inside the wandb/ folder: offline model artifacts name their files relative to it.
+    """
+    return f"cd {_shown(wandb_dir)} && wandb sync --include-online ."
+
+
+def final_summary(metrics_path: Path) -> dict:
+    """The W&B summary of a finished run, from metrics.jsonl (every attempt's rows).
+
+    val/loss and val/bpb are the best (lowest) validation loss and the bits per byte at that
+    evaluation, with best/step; final/* are the last ones; train/loss is the last interval's mean.
+    """
+    rows = read_metrics(metrics_path) if metrics_path.is_file() else []
+    evals = [r for r in rows if r.get("val/loss") is not None]
+    train = [r for r in rows if r.get("train/loss") is not None]
+    out = {}
+    if evals:
+        best, last = min(evals, key=lambda r: r["val/loss"]), evals[-1]
+        out.update({"val/loss": best["val/loss"], "val/bpb": best.get("val/bpb"),
+                    "best/step": best["step"], "best/tokens": best.get("tokens"),
+                    "final/val_loss": last["val/loss"], "final/val_bpb": last.get("val/bpb")})
+    if train:
+        last = train[-1]
+        out.update({"train/loss": last["train/loss"], "final/train_loss": last["train/loss"],
+                    "final/step": last["step"], "tokens": last.get("tokens"),
+                    "time": last.get("time"), "cost_usd": last.get("cost_usd")})
+    out["status"] = "finished"
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _has_table(run, key: str) -> bool:
+    """Whether the (resumed, online) W&B run already holds an incremental table under key."""
+    try:
+        value = run.summary.get(key) if getattr(run, "resumed", False) else None
+        return dict(value or {}).get("_type") == "incremental-table-file"
+    except Exception:
+        return False
 
 
 def _previous_samples(path: Path) -> list[list]:
