@@ -101,24 +101,46 @@ def resolve(config_path: str = DEFAULT_CONFIG, gpu: str = "", overrides=(), name
     return raw, validate_config(copy.deepcopy(raw), source)
 
 
-def launch_options(m) -> dict:
-    """Modal Function options for a run whose config has the `modal:` section `m`."""
-    from src.hardware import parse_gpu
+WANDB_SECRET = "wandb"
+
+
+def wandb_secret() -> modal.Secret:
+    """The W&B key (attached only to runs that log to W&B online)."""
+    return modal.Secret.from_name(WANDB_SECRET, required_keys=["WANDB_API_KEY"])
+
+
+def wants_wandb_secret(cfg, wandb: bool = True) -> bool:
+    return bool(wandb) and cfg.wandb.mode == "online"
+
+
+def launch_options(m, wandb: bool = False) -> dict:
+    """Modal Function options for a run whose config has the `modal:` section `m`.
+
+    CPU and memory are the reservation Modal bills (the GPU table's per-GPU default unless the
+    config sets them); `wandb` attaches the W&B secret (options replace the function's secrets).
+    """
+    from src.hardware import parse_gpu, reservation
 
     kind, n = parse_gpu(m.gpu)
+    cpu, memory = reservation(m.gpu, m.cpu, m.memory)
     return {
         "gpu": f"{kind}:{n}" if n > 1 else kind,
         "timeout": m.timeout,
         # retried at once; an attempt that times out is retried too, with a fresh timeout
         "retries": modal.Retries(max_retries=m.retries, initial_delay=0.0, backoff_coefficient=1.0),
-        "cpu": m.cpu,
-        "memory": m.memory,
-    }
+        "cpu": cpu,
+        "memory": memory,
+    } | ({"secrets": [wandb_secret()]} if wandb else {})
 
 
-def attempt_seconds(timeout: int) -> float:
-    """How long an attempt trains before it checkpoints and stops, ahead of Modal's timeout."""
-    return timeout - min(STOP_MARGIN_S, 0.1 * timeout)
+def attempt_seconds(timeout: int, started: float | None = None) -> float:
+    """Seconds left to train before the attempt checkpoints and stops, ahead of Modal's timeout.
+
+    Modal counts `timeout` from the start of the call (each retry gets a fresh one), so the time
+    since `started` (time.monotonic() at the call's start: data preparation, waiting) is used up.
+    """
+    left = timeout - min(STOP_MARGIN_S, 0.1 * timeout)
+    return left - (time.monotonic() - started if started is not None else 0.0)
 
 
 def _argv_value(argv: list[str], flag: str) -> str | None:
@@ -131,7 +153,13 @@ def _argv_value(argv: list[str], flag: str) -> str | None:
 
 
 def cli_modal_section(argv: list[str]):
-    """The `modal:` section of the config a `modal run` command line names, or None.
+    """The `modal:` section of the config a `modal run` command line names, or None."""
+    cfg = cli_config(argv)
+    return cfg and cfg.modal
+
+
+def cli_config(argv: list[str]):
+    """The config a `modal run` command line names, or None.
 
     The decorators below are evaluated when `modal run` imports this file, before any option is
     parsed; reading --config/--config-path, --gpu and --set here lets even
@@ -149,7 +177,29 @@ def cli_modal_section(argv: list[str]):
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
         return None
-    return cfg.modal
+    return cfg
+
+
+def _under_modal_run(argv: list[str]) -> bool:
+    return (len(argv) > 2 and Path(argv[0]).name in ("modal", "__main__.py")
+            and argv[1] in ("run", "deploy", "serve", "shell"))
+
+
+def static_wandb(argv: list[str]) -> bool:
+    """Whether the `train` function itself carries the W&B secret.
+
+    Modal looks up every function's secrets when the app starts, so a static secret would make
+    `::prepare_data` and `--no-wandb` runs fail without one. Only `modal run modal_app.py::train`
+    with W&B online gets it statically; the launcher and sweeps attach it per call instead
+    (`launch_options(..., wandb=True)`), where a missing secret is one error line.
+    """
+    if not (modal.is_local() and _under_modal_run(argv)):
+        return True  # imported plainly (tests, the container): the function as `::train` sees it
+    target = next((a for a in argv[2:] if ".py" in a and not a.startswith("-")), "")
+    if argv[1] != "run" or not target.endswith("::train") or "--no-wandb" in argv:
+        return False
+    cfg = cli_config(argv)
+    return cfg is None or wants_wandb_secret(cfg)
 
 
 def _static_modal_section():
@@ -162,9 +212,7 @@ def _static_modal_section():
         raise SystemExit(2) from None
 
     argv = sys.argv
-    under_modal_run = (len(argv) > 2 and Path(argv[0]).name in ("modal", "__main__.py")
-                       and argv[1] in ("run", "deploy", "serve", "shell"))
-    m = cli_modal_section(argv) if modal.is_local() and under_modal_run else None
+    m = cli_modal_section(argv) if modal.is_local() and _under_modal_run(argv) else None
     if m is None:
         m = ModalConfig(nodes=int(os.environ.get("SLM_CLUSTER_NODES", "1")))
     return m
@@ -174,7 +222,6 @@ def _static_modal_section():
 
 app = modal.App(APP_NAME)
 volume = modal.Volume.from_name(VOLUME_NAME, create_if_missing=True)
-wandb_secret = modal.Secret.from_name("wandb")
 image = (
     modal.Image.debian_slim(python_version="3.11")
     .pip_install(*PACKAGES)
@@ -183,6 +230,7 @@ image = (
     .add_local_dir(ROOT / "configs", remote_path="/root/configs")
 )
 STATIC = _static_modal_section()
+STATIC_WANDB = static_wandb(sys.argv)
 
 
 def commit_volume(log=print) -> None:
@@ -392,6 +440,14 @@ def _newest(run_dir: Path) -> float:
     return max((f.stat().st_mtime for f in files), default=0.0)
 
 
+def first_error(path: Path) -> str:
+    """The first error line the workers recorded (empty when none did)."""
+    try:
+        return next((ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()), "")
+    except OSError:
+        return ""
+
+
 def _run_torchrun(raw, cfg, root, gpus, wandb, rate, seconds, log, nodes=1, node_rank=0,
                   master_addr="") -> dict:
     cfg_file = Path(tempfile.mkdtemp()) / f"{cfg.name}.yaml"
@@ -400,7 +456,8 @@ def _run_torchrun(raw, cfg, root, gpus, wandb, rate, seconds, log, nodes=1, node
     log("launching: " + shlex.join(cmd))
     # the workers' cost figure, and time for them to checkpoint when stopped (torchrun's 30 s
     # default is short for a large model)
-    env = {**os.environ, "SLM_COST_PER_HOUR": str(rate),
+    errors = cfg_file.parent / "errors.txt"  # workers write errors a retry would repeat here
+    env = {**os.environ, "SLM_COST_PER_HOUR": str(rate), "SLM_ERROR_FILE": str(errors),
            "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(int(0.8 * STOP_MARGIN_S))}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
     from src.paths import RunLayout
@@ -417,6 +474,8 @@ def _run_torchrun(raw, cfg, root, gpus, wandb, rate, seconds, log, nodes=1, node
                 seen = newest
     if node_rank == 0:
         commit_volume(log)
+    if proc.returncode != 0 and not deadline.fired and (err := first_error(errors)):
+        return {"name": cfg.name, "error": err}  # returned, not raised: Modal does not retry it
     if proc.returncode != 0:
         why = "the attempt's time limit" if deadline.fired else f"exit status {proc.returncode}"
         raise RuntimeError(f"torchrun stopped ({why}); Modal retries the attempt and it continues "
@@ -425,7 +484,8 @@ def _run_torchrun(raw, cfg, root, gpus, wandb, rate, seconds, log, nodes=1, node
 
 
 def training_body(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "", name: str = "",
-                  wandb: bool = True, config_yaml: str = "", log=print) -> dict:
+                  wandb: bool = True, config_yaml: str = "", log=print,
+                  started: float | None = None) -> dict:
     """One attempt at a run: resume from its newest checkpoint, train, report.
 
     Errors the user must fix come back as {'error': ...} (a retry would fail the same way);
@@ -435,10 +495,11 @@ def training_body(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "
 
     from src.errors import Interrupted, SLMError
     from src.hardware import parse_gpu
-    from src.tools.cost import cost_per_hour
+    from src.tools.cost import modal_cost_per_hour
     from src.training.trainer import train
     from src.training.wandb_sink import check_online_ready
 
+    started = time.monotonic() if started is None else started
     root = data_root()
     label = name or Path(config_path).stem
     deadline = None
@@ -453,8 +514,8 @@ def training_body(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "
         fix_nested_upload(raw, cfg, root, log)
         ensure_data(raw, cfg, root, log)
         _, gpus = parse_gpu(cfg.modal.gpu)
-        rate = cost_per_hour(cfg.modal.gpu)
-        seconds = attempt_seconds(cfg.modal.timeout)
+        rate = modal_cost_per_hour(cfg.modal)
+        seconds = attempt_seconds(cfg.modal.timeout, started)
         log(f"run {cfg.name} on {cfg.modal.gpu} (${rate:.2f}/hour); this attempt stops with a "
             f"checkpoint after {seconds / 3600:.1f} h and the next one continues")
         if gpus > 1:
@@ -477,11 +538,13 @@ def training_body(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "
     return out
 
 
-def cluster_body(config_yaml: str, wandb: bool = True, log=print) -> dict | None:
+def cluster_body(config_yaml: str, wandb: bool = True, log=print,
+                 started: float | None = None) -> dict | None:
     """One container of a multi-node run: torchrun across all containers' GPUs (rank 0 reports)."""
     from src.hardware import parse_gpu
-    from src.tools.cost import cost_per_hour
+    from src.tools.cost import modal_cost_per_hour
 
+    started = time.monotonic() if started is None else started
     cluster = modal.Cluster.from_context()
     rank = cluster.container_rank()
     ips = cluster.container_ips(family="ipv4") or cluster.container_ips()
@@ -493,8 +556,8 @@ def cluster_body(config_yaml: str, wandb: bool = True, log=print) -> dict | None
         time.sleep(COMMIT_POLL_S)
         reload_volume(log)
     _, gpus = parse_gpu(cfg.modal.gpu)
-    rate = cost_per_hour(cfg.modal.gpu, cfg.modal.nodes)
-    out = _run_torchrun(raw, cfg, root, gpus, wandb, rate, attempt_seconds(cfg.modal.timeout),
+    rate = modal_cost_per_hour(cfg.modal)
+    out = _run_torchrun(raw, cfg, root, gpus, wandb, rate, attempt_seconds(cfg.modal.timeout, started),
                         log, cfg.modal.nodes, rank, ips[0])
     if rank == 0:
         report(out, log)
@@ -540,7 +603,8 @@ def sweep_body(config: str = DEFAULT_CONFIG, grid: str = "", gpu: str = "", set:
     if modal.is_local():
         calls = [lambda t=t: train.local(config_yaml=t, wandb=wandb) for t in texts]
     else:
-        spawned = [train.with_options(**launch_options(cfg.modal)).spawn(config_yaml=t, wandb=wandb)
+        spawned = [train.with_options(**launch_options(cfg.modal, wants_wandb_secret(cfg, wandb)))
+                   .spawn(config_yaml=t, wandb=wandb)
                    for t, (_, _, cfg) in zip(texts, jobs, strict=True)]
         calls = [c.get for c in spawned]
     rows = []
@@ -548,7 +612,7 @@ def sweep_body(config: str = DEFAULT_CONFIG, grid: str = "", gpu: str = "", set:
         try:
             out = get()
         except Exception as e:  # a point that failed all its attempts
-            out = {"error": f"{type(e).__name__}: {e}"}
+            out = {"error": failure_message(e, base.modal)}
         rows.append({"name": p.name, "values": p.values, **out})
     table = sw.format_table(rows)
     log(f"\nsweep {group}: final validation loss\n{table}")
@@ -564,12 +628,13 @@ def sweep_body(config: str = DEFAULT_CONFIG, grid: str = "", gpu: str = "", set:
 _volumes = {MOUNT: volume}
 
 
-@app.function(image=image, volumes=_volumes, secrets=[wandb_secret], single_use_containers=True,
-              **launch_options(STATIC))
+@app.function(image=image, volumes=_volumes, single_use_containers=True,
+              **launch_options(STATIC, wandb=STATIC_WANDB))
 def train(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "", name: str = "",
           wandb: bool = True, config_yaml: str = "") -> dict:
     """Train a config on this container's GPUs; retried attempts resume from the newest checkpoint."""
-    return training_body(config_path, gpu, set, name, wandb, config_yaml)
+    started = time.monotonic()  # Modal's timeout counts from here (each attempt anew)
+    return training_body(config_path, gpu, set, name, wandb, config_yaml, started=started)
 
 
 @app.function(image=image, volumes=_volumes, cpu=8.0, memory=32768, timeout=86400,
@@ -601,12 +666,55 @@ def sweep(config: str = DEFAULT_CONFIG, grid: str = "", gpu: str = "", set: str 
 train_cluster = None
 if STATIC.nodes > 1:  # multi-node (Modal beta): only defined when the config asks for it
 
-    @app.function(image=image, volumes=_volumes, secrets=[wandb_secret],
+    @app.function(image=image, volumes=_volumes,
                   env={"SLM_CLUSTER_NODES": str(STATIC.nodes)}, single_use_containers=True,
                   **launch_options(STATIC))
-    @modal.clustered(size=STATIC.nodes)
+    @modal.clustered(size=STATIC.nodes, rdma=True)  # RDMA: fast collectives between the nodes
     def train_cluster(config_yaml: str, wandb: bool = True) -> dict | None:
-        return cluster_body(config_yaml, wandb)
+        started = time.monotonic()
+        return cluster_body(config_yaml, wandb, started=started)
+
+
+def run_links(the_app, call_id: str) -> list[str]:
+    """Where to find a started run: the app id, its log command and dashboard page."""
+    lines = [f"started {call_id}. Under `modal run --detach` it keeps going if this terminal closes"]
+    app_id = the_app.app_id
+    if app_id:
+        lines += [f"app:        {app_id}",
+                  f"follow:     modal app logs {app_id} -f",
+                  f"dashboard:  {the_app.get_dashboard_url()}"]
+    return lines
+
+
+def missing_object_message(e: Exception) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if WANDB_SECRET in text.lower() or "secret" in text.lower():
+        return (f"{text}: create the W&B secret with `modal secret create {WANDB_SECRET} "
+                "WANDB_API_KEY=...`, or run with --no-wandb")
+    return text
+
+
+def failure_message(e: BaseException, m) -> str:
+    """One line for a run whose every attempt failed (what `call.get()` raised)."""
+    if isinstance(e, modal.exception.FunctionTimeoutError):
+        return (f"every attempt reached modal.timeout ({m.timeout} s), {m.retries + 1} attempts in "
+                "all; run the same command again to continue from the newest checkpoint")
+    first = str(e).splitlines()[0] if str(e) else ""
+    if isinstance(e, modal.exception.NotFoundError):
+        return missing_object_message(e)
+    if isinstance(e, modal.exception.Error):
+        return (f"{type(e).__name__}: {first} (the GPU may be unavailable: try another --gpu, or "
+                "run again later; it continues from the newest checkpoint)")
+    return (f"all {m.retries + 1} attempts failed; the last: {type(e).__name__}: {first}; run "
+            "the same command again to continue from the newest checkpoint")
+
+
+def wait_for(call, m) -> dict:
+    """The run's result, or {'error': one line} when every attempt failed."""
+    try:
+        return call.get()
+    except Exception as e:
+        return {"error": failure_message(e, m)}
 
 
 @app.local_entrypoint()
@@ -633,10 +741,15 @@ def main(config: str = DEFAULT_CONFIG, gpu: str = "", set: str = "", name: str =
           + f", {m.timeout} s per attempt, up to {m.retries} retries")
     print(estimate_text(cfg))
     text = yaml.safe_dump(raw, sort_keys=False)
-    call = fn.with_options(**launch_options(m)).spawn(config_yaml=text, wandb=wandb)
-    print(f"started {call.object_id}. Under `modal run --detach` it keeps going if this terminal "
-          f"closes; follow it with `modal app logs {APP_NAME}`")
-    out = call.get()
+    opts = launch_options(m, wants_wandb_secret(cfg, wandb))
+    try:
+        call = fn.with_options(**opts).spawn(config_yaml=text, wandb=wandb)
+    except modal.exception.NotFoundError as e:
+        print(f"error: {missing_object_message(e)}", file=sys.stderr)
+        sys.exit(2)
+    for line in run_links(app, call.object_id):
+        print(line)
+    out = wait_for(call, m)
     report(out)
     if out.get("error"):
         sys.exit(1)

@@ -18,7 +18,7 @@ import os
 import sys
 
 from src import paths
-from src.errors import Interrupted, SLMError
+from src.errors import Interrupted, SLMError, record_error
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 DEVICES = ["auto", "cpu", "cuda", "mps"]
@@ -374,11 +374,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped: {e}", file=sys.stderr)
         return 128 + e.signum
     except SLMError as e:
+        record_error(str(e))
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError: a retry repeats it
+            raise
+        msg = ("out of GPU memory: lower training.batch_size (and raise "
+               "training.gradient_accumulation_steps), or pick a larger GPU")
+        record_error(msg)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
     except OSError as e:  # the machine, not the program: a full disk, a read-only folder, ...
         if e.errno not in _ENV_ERRNOS:
             raise

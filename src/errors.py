@@ -18,3 +18,17 @@ class Interrupted(SLMError):
     def __init__(self, msg: str, signum: int):
         super().__init__(msg)
         self.signum = signum
+
+
+def record_error(message: str) -> None:
+    """Append an error line to $SLM_ERROR_FILE when set: the Modal launcher reads it to tell a
+    failure a retry would repeat (reported once) from one a retry can fix (retried)."""
+    import os
+
+    path = os.environ.get("SLM_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(message.replace("\n", " ") + "\n")
+        except OSError:
+            pass

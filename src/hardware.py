@@ -21,23 +21,34 @@ class GPU:
     name: str
     tflops: float  # dense bf16/fp16 tensor-core peak per GPU, no sparsity (vendors' data sheets)
     memory_gb: float  # per GPU
-    price: float  # USD per GPU-hour on Modal (list price)
-    max_count: int = 8  # GPUs Modal gives one container
+    price: float  # USD per GPU-hour on Modal (list price; see docs/cost.md for sources and dates)
+    max_count: int = 8  # GPUs Modal gives one container (Modal's GPU guide)
+    cpu: float = 4.0  # default CPU cores reserved per GPU (billed: see CPU_CORE_HOUR)
+    ram_gib: int = 16  # default GiB of memory reserved per GPU (billed: see MEMORY_GIB_HOUR)
 
+
+# Modal bills every container's CPU and memory reservation (or use, if higher) on top of the GPU.
+CPU_CORE_HOUR = 0.0000131 * 3600  # USD per physical core-hour ($0.0000131 / core / s)
+MEMORY_GIB_HOUR = 0.00000222 * 3600  # USD per GiB-hour ($0.00000222 / GiB / s)
+NONPREEMPTIBLE_FACTOR = 3.0  # CPU and memory of nonpreemptible (CPU-only) functions cost 3x
 
 GPUS = {g.name: g for g in (
-    GPU("T4", 65.0, 16, 0.59),
-    GPU("L4", 121.0, 24, 0.80),
-    GPU("A10", 125.0, 24, 1.10, max_count=4),
-    GPU("L40S", 362.0, 48, 1.95),
-    GPU("A100-40GB", 312.0, 40, 2.10),
-    GPU("A100-80GB", 312.0, 80, 2.50),
-    GPU("H100", 989.0, 80, 3.95),  # SXM; the PCIe card is 756
-    GPU("H200", 989.0, 141, 4.54),
-    GPU("B200", 2250.0, 180, 6.25),
+    GPU("T4", 65.0, 16, 0.59, cpu=4, ram_gib=16),
+    GPU("L4", 121.0, 24, 0.80, cpu=4, ram_gib=16),
+    GPU("A10", 125.0, 24, 1.10, max_count=4, cpu=4, ram_gib=16),
+    GPU("L40S", 362.0, 48, 1.95, cpu=8, ram_gib=32),
+    GPU("A100-40GB", 312.0, 40, 2.10, cpu=8, ram_gib=32),
+    GPU("A100-80GB", 312.0, 80, 2.50, cpu=8, ram_gib=48),
+    GPU("RTX-PRO-6000", 500.0, 96, 3.03, cpu=8, ram_gib=48),  # price: not confirmed, see cost.md
+    GPU("H100", 989.0, 80, 3.95, cpu=8, ram_gib=48),  # SXM; the PCIe card is 756
+    GPU("H200", 989.0, 141, 4.54, cpu=8, ram_gib=64),
+    GPU("B200", 2250.0, 180, 6.25, cpu=8, ram_gib=64),
 )}
-ALIASES = {"A10G": "A10", "A100": "A100-40GB"}  # other names Modal accepts for the same cards
-_GPU_RE = re.compile(r"^(?P<type>[A-Za-z0-9-]+?)(?::(?P<count>\d+))?$")
+# Other names Modal accepts: A10G (older name), A100 (40 or 80 GB; priced as 40), H100! (an H100,
+# never upgraded to an H200), B200+ (a B200 or a B300, billed as a B200).
+ALIASES = {"A10G": "A10", "A100": "A100-40GB", "H100!": "H100", "B200+": "B200"}
+CLUSTER_GPUS = ("H100", "H200", "B200")  # multi-node clusters: all 8 GPUs of a host (Modal's docs)
+_GPU_RE = re.compile(r"^(?P<type>[A-Za-z0-9-]+?[!+]?)(?::(?P<count>\d+))?$")
 
 
 def gpu_spec(kind: str) -> GPU:
@@ -66,6 +77,21 @@ def parse_gpu(gpu: str) -> tuple[str, int]:
     return kind, n
 
 
+def reservation(gpu: str, cpu: float | None = None, memory_mib: int | None = None
+                ) -> tuple[float, int]:
+    """(cores, MiB) a training container on `gpu` ('H100:8') reserves: given, else per GPU."""
+    kind, n = parse_gpu(gpu)
+    spec = gpu_spec(kind)
+    return (cpu if cpu is not None else spec.cpu * n,
+            memory_mib if memory_mib is not None else spec.ram_gib * 1024 * n)
+
+
+def reservation_per_hour(cores: float, memory_mib: int, nonpreemptible: bool = False) -> float:
+    """USD per hour for a container's reserved CPU cores and memory."""
+    rate = cores * CPU_CORE_HOUR + memory_mib / 1024 * MEMORY_GIB_HOUR
+    return rate * (NONPREEMPTIBLE_FACTOR if nonpreemptible else 1.0)
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' picks cuda, then mps, then cpu; an unavailable device is a clear error."""
     if name == "auto":
@@ -91,7 +117,8 @@ def gpu_peak_tflops(gpu_name: str) -> float | None:
     if "H100" in up and "PCIE" in up:
         return 756.0
     for key in sorted([*GPUS, *ALIASES], key=len, reverse=True):
-        if key in up or key.split("-")[0] in up:
+        if key in up or key.replace("-", " ") in up or (
+                not key.startswith("RTX") and key.split("-")[0] in up):
             return gpu_spec(key).tflops
     return None
 

@@ -22,11 +22,40 @@ def test_price_table_is_modals_list():
 
     assert {k: g.price for k, g in GPUS.items()} == {
         "T4": 0.59, "L4": 0.80, "A10": 1.10, "L40S": 1.95, "A100-40GB": 2.10,
-        "A100-80GB": 2.50, "H100": 3.95, "H200": 4.54, "B200": 6.25,
+        "A100-80GB": 2.50, "RTX-PRO-6000": 3.03, "H100": 3.95, "H200": 4.54, "B200": 6.25,
     }
     assert cost.gpu_price("a100") == 2.10 and cost.gpu_price("A10G") == 1.10  # Modal's aliases
-    assert cost.cost_per_hour("H100:8") == pytest.approx(8 * 3.95)
-    assert cost.cost_per_hour("H100:8", nodes=2) == pytest.approx(16 * 3.95)
+    assert cost.gpu_price("H100!") == 3.95 and cost.gpu_price("B200+") == 6.25
+
+
+def test_cpu_and_memory_reservation_is_billed_per_container():
+    core_h, gib_h = 0.0000131 * 3600, 0.00000222 * 3600  # Modal's per-second rates, per hour
+    # the figure: 8 cores + 32 GiB is about $0.63/h on top of the GPU
+    assert cost.cost_per_hour("T4", cpu=8, memory_mib=32768) == pytest.approx(
+        0.59 + 8 * core_h + 32 * gib_h)
+    assert 8 * core_h + 32 * gib_h == pytest.approx(0.633, abs=1e-3)
+    # default reservation: the GPU table's per-GPU figures, times the GPUs and the nodes
+    h100 = GPUS["H100"]
+    one = h100.price + h100.cpu * core_h + h100.ram_gib * gib_h
+    assert cost.cost_per_hour("H100") == pytest.approx(one)
+    assert cost.cost_per_hour("H100:8") == pytest.approx(8 * one)
+    assert cost.cost_per_hour("H100:8", nodes=2) == pytest.approx(16 * one)
+    # non-preemptible (CPU-only functions): CPU and memory cost 3x
+    assert cost.cost_per_hour("T4", cpu=1, memory_mib=1024, nonpreemptible=True) == pytest.approx(
+        0.59 + 3 * (core_h + gib_h))
+
+
+def test_estimate_and_budget_rate_count_the_reservation():
+    cfg = load_config(ROOT / "configs/gpt_124m.yaml")
+    e = cost.estimate(cfg)
+    assert e.reservation_per_hour > 0
+    assert e.cost_usd == pytest.approx(e.hours * (e.price_per_gpu_hour * e.gpus
+                                                  + e.reservation_per_hour))
+    cfg.modal.cpu, cfg.modal.memory = 2.0, 4096  # the config's own reservation wins
+    e2 = cost.estimate(cfg)
+    assert (e2.cpu, e2.memory_mib) == (2.0, 4096) and e2.cost_usd < e.cost_usd
+    assert cost.modal_cost_per_hour(cfg.modal) == pytest.approx(e2.cost_per_hour)
+    assert "CPU and memory:  2 cores + 4 GiB reserved" in cost.estimate_text(cfg)
 
 
 def test_every_gpu_the_config_accepts_has_a_price_and_a_peak():
@@ -48,7 +77,9 @@ def test_estimate_arithmetic():
     hours = flops / (GPUS["T4"].tflops * 1e12 * 0.5) / 3600
     assert (e.tokens, e.flops_per_token, e.gpus) == (tokens, fpt, 1)
     assert e.hours == pytest.approx(hours)
-    assert e.cost_usd == pytest.approx(hours * 0.59)
+    t4 = GPUS["T4"]  # GPU + its default reservation (cores, GiB)
+    assert e.cost_usd == pytest.approx(hours * (0.59 + t4.cpu * 0.0000131 * 3600
+                                                + t4.ram_gib * 0.00000222 * 3600))
     assert e.attempts == math.ceil(hours * 3600 / 43200)
 
 
@@ -58,7 +89,7 @@ def test_more_gpus_for_the_same_tokens_cost_the_same_but_finish_sooner():
     assert one.tokens == eight.tokens
     assert eight.hours == pytest.approx(one.hours / 8)
     assert eight.cost_usd == pytest.approx(one.cost_usd)
-    assert eight.cost_per_hour == pytest.approx(8 * 3.95)
+    assert eight.cost_per_hour == pytest.approx(8 * one.cost_per_hour)  # reservation per GPU too
 
 
 def test_budget_and_time_limit_notes():

@@ -228,7 +228,7 @@ def test_multi_gpu_launcher_runs_the_command_commits_and_reports(monkeypatch, tm
     rows = [yaml.safe_load(x) for x in (tmp_path / "checkpoints/tiny/metrics.jsonl").open()]
     assert any(r.get("cost_usd") is not None for r in rows)  # the price reached the workers
 
-    monkeypatch.setattr(modal_app, "attempt_seconds", lambda timeout: 3.0)
+    monkeypatch.setattr(modal_app, "attempt_seconds", lambda timeout, started=None: 3.0)
     with pytest.raises(RuntimeError, match="the attempt's time limit"):
         modal_app.training_body("configs/tiny.yaml", "T4:2", name="long", wandb=False,
                                 set=fast_set(corpus, **{"training.max_steps": 100_000}))

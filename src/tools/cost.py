@@ -5,7 +5,7 @@
     slm cost --config configs/gpt_124m.yaml --metrics data/checkpoints/gpt_124m/metrics.jsonl
 
     hours   = FLOPs per token x tokens / (GPU peak FLOP/s x MFU x GPUs)
-    dollars = hours x price per GPU-hour x GPUs
+    dollars = hours x (price per GPU-hour x GPUs + reserved CPU cores and memory) x nodes
 
 FLOPs per token come from the model (6N + attention), tokens from the config's budget, the peak
 and the price from the GPU table in src/hardware.py (Modal's list prices). MFU (model FLOPs utilisation) is ASSUMED_MFU unless --mfu gives one or
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.errors import SLMError
-from src.hardware import gpu_spec, parse_gpu
+from src.hardware import gpu_spec, parse_gpu, reservation, reservation_per_hour
 from src.paths import RunLayout
 from src.training.metrics import read_metrics
 
@@ -42,10 +42,27 @@ def gpu_count(gpu: str, nodes: int = 1) -> tuple[str, int]:
     return kind, n * nodes
 
 
-def cost_per_hour(gpu: str, nodes: int = 1) -> float:
-    """USD per hour of a run on `gpu` ('H100:8') across `nodes` containers."""
+def container_reservation(gpu: str, cpu: float | None = None, memory_mib: int | None = None
+                          ) -> tuple[float, int]:
+    """(cores, MiB) one container on `gpu` reserves: the given figures, else the GPU table's."""
+    try:
+        return reservation(gpu, cpu, memory_mib)
+    except ValueError as e:
+        raise SLMError(f"--gpu: {e}") from None
+
+
+def cost_per_hour(gpu: str, nodes: int = 1, cpu: float | None = None,
+                  memory_mib: int | None = None, nonpreemptible: bool = False) -> float:
+    """USD per hour of a run on `gpu` ('H100:8') across `nodes` containers: the GPUs plus each
+    container's reserved CPU cores and memory (default: the GPU table's per-GPU reservation)."""
     kind, n = gpu_count(gpu, nodes)
-    return gpu_price(kind) * n
+    cores, mib = container_reservation(gpu, cpu, memory_mib)
+    return gpu_price(kind) * n + reservation_per_hour(cores, mib, nonpreemptible) * nodes
+
+
+def modal_cost_per_hour(m) -> float:
+    """USD per hour of a run with the config's `modal:` section `m` (GPUs, CPU, memory, nodes)."""
+    return cost_per_hour(m.gpu, m.nodes, m.cpu, m.memory)
 
 
 @dataclass
@@ -62,10 +79,13 @@ class Estimate:
     hours: float
     cost_usd: float
     attempts: int
+    cpu: float = 0.0  # cores reserved per container
+    memory_mib: int = 0  # MiB reserved per container
+    reservation_per_hour: float = 0.0  # USD per hour for the CPU and memory of all containers
 
     @property
     def cost_per_hour(self) -> float:
-        return self.price_per_gpu_hour * self.gpus
+        return self.price_per_gpu_hour * self.gpus + self.reservation_per_hour
 
 
 def measured_mfu(metrics_path: str | Path) -> float:
@@ -117,11 +137,17 @@ def estimate(cfg, gpu: str | None = None, mfu: float | None = None,
     if t.max_seconds:
         hours = min(hours, t.max_seconds / 3600)
     price = gpu_price(kind)
+    m = cfg.modal
+    # an explicit reservation in the config applies to the config's GPU; another --gpu gets its own
+    same = gpu == m.gpu
+    cores, mib = container_reservation(gpu, m.cpu if same else None, m.memory if same else None)
+    extra = reservation_per_hour(cores, mib) * m.nodes
     return Estimate(
         gpu=gpu, gpus=n, price_per_gpu_hour=price, flops_per_token=fpt, tokens=tokens,
         flops=flops, peak_tflops=peak, mfu=mfu, mfu_source=mfu_source or "given",
-        hours=hours, cost_usd=hours * price * n,
-        attempts=max(1, math.ceil(hours * 3600 / cfg.modal.timeout)),
+        hours=hours, cost_usd=hours * (price * n + extra),
+        attempts=max(1, math.ceil(hours * 3600 / m.timeout)),
+        cpu=cores, memory_mib=mib, reservation_per_hour=extra,
     )
 
 
@@ -139,7 +165,9 @@ def estimate_text(cfg, gpu: str | None = None, mfu: float | None = None,
     lines = [
         "cost on Modal (estimate):",
         f"  GPU:             {e.gpu}{nodes} at ${e.price_per_gpu_hour:.2f}/GPU-hour = "
-        f"${e.cost_per_hour:.2f}/hour",
+        f"${e.price_per_gpu_hour * e.gpus:.2f}/hour",
+        f"  CPU and memory:  {e.cpu:g} cores + {e.memory_mib / 1024:g} GiB reserved per container "
+        f"= ${e.reservation_per_hour:.2f}/hour (total ${e.cost_per_hour:.2f}/hour)",
         f"  work:            {e.flops:.2e} FLOPs ({e.tokens:,} tokens x "
         f"{e.flops_per_token:.2e} FLOPs/token, with evaluation)",
         f"  speed:           {100 * e.mfu:.0f}% MFU ({e.mfu_source}) of {e.peak_tflops:.0f} "

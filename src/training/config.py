@@ -19,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from src.errors import ConfigError, SLMError
-from src.hardware import parse_gpu
+from src.hardware import ALIASES, CLUSTER_GPUS, gpu_spec, parse_gpu
 from src.model.gpt import GPTConfig
 
 # Vocab sizes of the fixed tokenizers (including the end-of-text token).
@@ -115,8 +115,12 @@ class ModalConfig(_Section):
     timeout: int = Field(43200, ge=60, le=86400, description="seconds per attempt (max 24 h)")
     retries: int = Field(10, ge=0, le=10, description="restarts after preemption or a crash")
     max_cost_usd: float | None = Field(None, gt=0, description="stop cleanly at this spend")
-    cpu: float = Field(8.0, gt=0, description="CPU cores for the training container")
-    memory: int = Field(32768, ge=1024, description="MiB of RAM for the training container")
+    cpu: float | None = Field(
+        None, gt=0, description="CPU cores reserved for the training container (billed; "
+        "empty = the GPU table's default per GPU)")
+    memory: int | None = Field(
+        None, ge=1024, description="MiB of RAM reserved for the training container (billed; "
+        "empty = the GPU table's default per GPU)")
     nodes: int = Field(1, ge=1, description="multi-node (beta): containers of the GPU kind")
 
     @field_validator("gpu")
@@ -236,10 +240,21 @@ def _describe(err: dict, model_cls: type[BaseModel]) -> str:
     return f"{loc or '(top level)'}: {msg}"
 
 
+def _cluster_checks(gpu: str, nodes: int) -> list[str]:
+    kind, n = parse_gpu(gpu)
+    kind = ALIASES.get(kind, kind)
+    if kind in CLUSTER_GPUS and n == gpu_spec(kind).max_count:
+        return []
+    return [f"modal.nodes: {nodes} containers need all GPUs of each host, e.g. modal.gpu: H100:8 "
+            f"(not {gpu}); Modal's clusters offer {', '.join(g + ':8' for g in CLUSTER_GPUS)}"]
+
+
 def _cross_checks(cfg: Config) -> list[str]:
     """Problems that involve more than one key."""
     errs = []
     m, d, t = cfg.model, cfg.data, cfg.training
+    if cfg.modal.nodes > 1:
+        errs += _cluster_checks(cfg.modal.gpu, cfg.modal.nodes)
     if t.seq_len and t.seq_len > m.block_size:
         errs.append(
             f"training.seq_len: {t.seq_len} is longer than model.block_size {m.block_size}; "
