@@ -15,6 +15,7 @@ timed-out attempt is retried by Modal and continues from the run's newest checkp
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -37,6 +38,7 @@ VOLUME_NAME = "slm-data"
 MOUNT = "/data"
 DEFAULT_CONFIG = "configs/gpt_124m.yaml"
 STOP_MARGIN_S = 900  # an attempt checkpoints and stops this long before modal.timeout (at most)
+DATA_LOCK_WAIT_S = 86400  # a container waits this long for another one preparing the same data
 COMMIT_POLL_S = 30  # multi-GPU runs: how often the launcher looks for a new checkpoint to commit
 MASTER_PORT = 29500
 
@@ -292,6 +294,41 @@ class Deadline:
             signal.signal(s, h)
 
 
+LOCK_DICT = "slm-locks"  # a modal.Dict: which container holds which run or dataset
+
+
+def lock_store():
+    """The cross-container lock store inside a Modal container; None elsewhere (flock there)."""
+    if modal.is_local():
+        return None
+    return modal.Dict.from_name(LOCK_DICT, create_if_missing=True)
+
+
+def shared_lock(locks, key: str, what: str, log=print, wait_s: float = 0.0):
+    """A context that holds `key` in `locks` (a modal.Dict or the same methods), if any.
+
+    The owner is this Modal call, so a retried attempt of the same call takes over its own lease
+    at once, while another call (another `modal run`) finds it taken.
+    """
+    if locks is None:
+        return contextlib.nullcontext()
+    from src.training.lock import LeaseLock
+
+    owner = None if modal.is_local() else modal.current_function_call_id()
+    return _Held(LeaseLock(locks, key, what, owner=owner, log=log), wait_s)
+
+
+class _Held:
+    def __init__(self, lock, wait_s: float):
+        self.lock, self.wait_s = lock, wait_s
+
+    def __enter__(self):
+        return self.lock.acquire(wait_s=self.wait_s)
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
 # ----------------------------------------------------------------------------- data (CPU only)
 
 
@@ -312,12 +349,26 @@ def _map(fn, *arg_lists) -> list:
 
 
 def prepare_body(config_path: str = DEFAULT_CONFIG, set: str = "", config_yaml: str = "",
-                 log=print) -> dict:
-    """Tokenize (or find) the dataset of a config under <data root>/datasets/."""
+                 log=print, locks=None) -> dict:
+    """Tokenize (or find) the dataset of a config under <data root>/datasets/.
+
+    Two containers preparing the same dataset at once take turns (a cross-container lock): the
+    second waits, then finds the first one's shards.
+    """
     from src.data import prepare as prep
 
     raw, cfg = resolve(config_path, overrides=split_set(set), config_yaml=config_yaml)
     root = data_root()
+    locks = lock_store() if locks is None else locks
+    name = prep.dataset_dir(cfg.data, root).name
+    with shared_lock(locks, f"data/{name}", f"dataset {name}", log, wait_s=DATA_LOCK_WAIT_S):
+        reload_volume(log)  # what a container that held the lock before us committed
+        return _prepare_locked(raw, cfg, root, log)
+
+
+def _prepare_locked(raw, cfg, root: Path, log=print) -> dict:
+    from src.data import prepare as prep
+
     parts = prep.plan(cfg, root) if hasattr(prep, "plan") else []
     if parts:  # partitioned preparation: each part in its own CPU container
         commit_volume(log)
@@ -485,11 +536,13 @@ def _run_torchrun(raw, cfg, root, gpus, wandb, rate, seconds, log, nodes=1, node
 
 def training_body(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "", name: str = "",
                   wandb: bool = True, config_yaml: str = "", log=print,
-                  started: float | None = None) -> dict:
+                  started: float | None = None, locks=None) -> dict:
     """One attempt at a run: resume from its newest checkpoint, train, report.
 
     Errors the user must fix come back as {'error': ...} (a retry would fail the same way);
     preemption, the attempt's time limit and crashes raise, and Modal retries the attempt.
+    `started`: when the call began (Modal's timeout counts from then); `locks`: the store of
+    cross-container locks (on Modal: the `slm-locks` Dict; None: the trainer's flock only).
     """
     import torch
 
@@ -500,6 +553,7 @@ def training_body(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "
     from src.training.wandb_sink import check_online_ready
 
     started = time.monotonic() if started is None else started
+    locks = lock_store() if locks is None else locks
     root = data_root()
     label = name or Path(config_path).stem
     deadline = None
@@ -511,20 +565,21 @@ def training_body(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "
                            "`modal run modal_app.py --config <config>`")
         if wandb and cfg.wandb.mode != "disabled":
             check_online_ready(cfg)
-        fix_nested_upload(raw, cfg, root, log)
-        ensure_data(raw, cfg, root, log)
-        _, gpus = parse_gpu(cfg.modal.gpu)
-        rate = modal_cost_per_hour(cfg.modal)
-        seconds = attempt_seconds(cfg.modal.timeout, started)
-        log(f"run {cfg.name} on {cfg.modal.gpu} (${rate:.2f}/hour); this attempt stops with a "
-            f"checkpoint after {seconds / 3600:.1f} h and the next one continues")
-        if gpus > 1:
-            out = _run_torchrun(raw, cfg, root, gpus, wandb, rate, seconds, log)
-        else:
-            with Deadline(seconds) as deadline:
-                res = train(cfg, data_root=root, use_wandb=wandb, log=log,
-                            on_checkpoint=lambda p: commit_volume(log), cost_per_hour=rate)
-            out = summary(cfg, root, res)
+        with shared_lock(locks, f"run/{cfg.name}", f"run '{cfg.name}'", log):
+            fix_nested_upload(raw, cfg, root, log)
+            ensure_data(raw, cfg, root, log)
+            _, gpus = parse_gpu(cfg.modal.gpu)
+            rate = modal_cost_per_hour(cfg.modal)
+            seconds = attempt_seconds(cfg.modal.timeout, started)
+            log(f"run {cfg.name} on {cfg.modal.gpu} (${rate:.2f}/hour); this attempt stops with a "
+                f"checkpoint after {seconds / 3600:.1f} h and the next one continues")
+            if gpus > 1:
+                out = _run_torchrun(raw, cfg, root, gpus, wandb, rate, seconds, log)
+            else:
+                with Deadline(seconds) as deadline:
+                    res = train(cfg, data_root=root, use_wandb=wandb, log=log,
+                                on_checkpoint=lambda p: commit_volume(log), cost_per_hour=rate)
+                out = summary(cfg, root, res)
     except Interrupted as e:
         commit_volume(log)
         why = "attempt time limit reached" if deadline and deadline.fired else "stopped"
