@@ -118,6 +118,10 @@ CASES = [
      ["modal.gpu", "unknown GPU 'X100'", "did you mean H100?", "A100-80GB"]),
     ("GPU count past 8", lambda e: _train(e, "--modal.gpu", "H100:9"),
      ["modal.gpu", "GPU count 9 in 'H100:9'", "1 to 8"]),
+    ("A10 past Modal's cap of 4", lambda e: _train(e, "--modal.gpu", "A10:8"),
+     ["modal.gpu", "GPU count 8 in 'A10:8'", "1 to 4"]),
+    ("cluster without whole hosts", lambda e: _train(e, "--modal.nodes", "2"),
+     ["modal.nodes: 2 containers need all GPUs of each host", "H100:8"]),
     # --- data sources
     ("data source missing", lambda e: _train(e, **{"data.source": "/no/such/corpus"}),
      ["data.source /no/such/corpus: no such file or folder", "python-stdlib"]),
