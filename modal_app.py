@@ -612,8 +612,9 @@ def cluster_body(config_yaml: str, wandb: bool = True, log=print,
         reload_volume(log)
     _, gpus = parse_gpu(cfg.modal.gpu)
     rate = modal_cost_per_hour(cfg.modal)
-    out = _run_torchrun(raw, cfg, root, gpus, wandb, rate, attempt_seconds(cfg.modal.timeout, started),
-                        log, cfg.modal.nodes, rank, ips[0])
+    seconds = attempt_seconds(cfg.modal.timeout, started)
+    out = _run_torchrun(raw, cfg, root, gpus, wandb, rate, seconds, log, cfg.modal.nodes, rank,
+                        ips[0])
     if rank == 0:
         report(out, log)
         return out

@@ -54,7 +54,8 @@ def test_a_second_process_finds_the_lock_taken_and_gets_it_when_the_holder_dies(
     try:
         assert p.stdout.readline().strip() == "won"
         other = LeaseLock(FileDict(store), "run/x", "run 'x'", owner="b", lease_s=2.0)
-        with pytest.raises(SLMError, match=rf"run 'x' is in use by another container \(pid {p.pid}"):
+        taken = rf"run 'x' is in use by another container \(pid {p.pid}"
+        with pytest.raises(SLMError, match=taken):
             other.acquire()
         time.sleep(2.5)  # longer than the lease: the live holder renewed it
         with pytest.raises(SLMError, match="in use by another container"):
@@ -156,7 +157,8 @@ def test_launch_reserves_the_cpu_and_memory_the_estimate_counts():
     t4 = GPUS["T4"]
     assert (opts["cpu"], opts["memory"]) == (t4.cpu, t4.ram_gib * 1024)
     cfg = load_config(ROOT / "configs/gpt_124m.yaml", ["modal.cpu=2", "modal.memory=8192"])
-    assert (modal_app.launch_options(cfg.modal)["cpu"], modal_app.launch_options(cfg.modal)["memory"]) == (2, 8192)
+    opts = modal_app.launch_options(cfg.modal)
+    assert (opts["cpu"], opts["memory"]) == (2, 8192)
 
 
 # ----------------------------------------------------------------------------- A7: clusters
@@ -255,9 +257,9 @@ def test_the_wandb_secret_is_attached_only_when_wandb_is_on():
 @pytest.mark.parametrize("target", ["modal_app.py::prepare_data", "modal_app.py"])
 def test_prepare_data_and_the_launcher_start_without_a_static_secret(tmp_path, target):
     """`modal run` imports the app with its argv: no function carries the secret then."""
-    code = ("import sys; sys.argv = ['modal', 'run', %r, '--no-wandb']; import modal_app as m; "
-            "print([repr(s) for f in (m.train, m.prepare_data) for s in f._spec_.secrets])"
-            % target)
+    code = (f"import sys; sys.argv = ['modal', 'run', {target!r}, '--no-wandb']; "
+            "import modal_app as m; "
+            "print([repr(s) for f in (m.train, m.prepare_data) for s in f._spec_.secrets])")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        env={**os.environ, "HOME": str(tmp_path)}, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -55,7 +55,8 @@ class LeaseLock:
     (True iff it created the key), `get`, `contains`, `__setitem__`. Each taking of the lock
     creates the key `<key>/<generation>` with put-if-absent, so of two takers only one wins; the
     holder renews its lease in a background thread and a holder that dies loses the lock when the
-    lease expires. The same `owner` (a retried attempt of the same Modal call) takes it over at once.
+    lease expires. The same `owner` (a retried attempt of the same Modal call) takes it over
+    at once.
     """
 
     def __init__(self, store, key: str, what: str, owner: str | None = None,
