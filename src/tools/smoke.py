@@ -47,6 +47,8 @@ class Rehearsal:
     checkpoint_seconds: float | None = None
     loss: float | None = None
     resumed_loss: float | None = None
+    peak_gpu_gb: float | None = None  # on a GPU: its peak allocated memory
+    mfu: float | None = None  # on a GPU with a known peak: measured at the last step
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -122,29 +124,31 @@ def _depth(cfg: Config) -> tuple[int, int, int]:
     return int(fit), int(full), int(per_layer)
 
 
-def plan(cfg: Config, data_root: Path) -> tuple[Config, list[str]]:
-    """The reduced config a rehearsal runs, and a line for each reduction or stand-in."""
+def plan(cfg: Config, data_root: Path, full: bool = False) -> tuple[Config, list[str]]:
+    """The reduced config a rehearsal runs, and a line for each reduction or stand-in.
+    full (on a GPU): the configured depth, batch and sequence; only steps and data shrink."""
     d = cfg.to_dict()
     notes = [_source_note(cfg.data.source)]
     d["data"].update(source=str(_sample_corpus(data_root)), val_source=None)
     _tokenizer_plan(d, notes)
-    layers, full, _ = _depth(cfg)
+    layers, n_full, _ = _depth(cfg)
     m, t = d["model"], d["training"]
-    if layers < cfg.model.n_layer:
+    if layers < cfg.model.n_layer and not full:
         notes.append(f"reduced: depth {cfg.model.n_layer} -> {layers} layers (width "
                      f"{cfg.model.n_embd}, heads and vocabulary as configured); the full "
-                     f"{full / 1e6:.0f}M-parameter model needs ~{full * 16 / 2**30:.0f} GB for "
+                     f"{n_full / 1e6:.0f}M-parameter model needs ~{n_full * 16 / 2**30:.0f} GB for "
                      "fp32 weights, gradients and AdamW on a CPU")
         m["n_layer"] = layers
     accum = 2 if cfg.grad_accum() > 1 else 1
-    seq = min(cfg.seq_len, SMOKE_SEQ)
+    seq = cfg.seq_len if full else min(cfg.seq_len, SMOKE_SEQ)
+    batch = cfg.training.batch_size if full else min(cfg.training.batch_size, SMOKE_BATCH)
     notes.append(f"reduced: batch {cfg.training.batch_size} x {cfg.seq_len} x "
-                 f"{cfg.grad_accum()} accum -> {min(cfg.training.batch_size, SMOKE_BATCH)} x {seq} "
-                 f"x {accum}; {SMOKE_STEPS} steps, eval on a few batches, one short sample")
-    t.update(batch_size=min(cfg.training.batch_size, SMOKE_BATCH), gradient_accumulation_steps=accum,
+                 f"{cfg.grad_accum()} accum -> {batch} x {seq} x {accum}; {SMOKE_STEPS} steps, "
+                 "eval on a few batches, one short sample")
+    t.update(batch_size=batch, gradient_accumulation_steps=accum,
              batch_tokens=None, seq_len=seq, max_steps=SMOKE_STEPS, max_tokens=None,
              max_seconds=None, warmup_steps=min(cfg.training.warmup_steps, 1),
-             eval_every=SMOKE_STEPS, eval_tokens=2 * SMOKE_BATCH * seq, log_every=1,
+             eval_every=SMOKE_STEPS, eval_tokens=2 * batch * seq, log_every=1,
              checkpoint_every=2, keep_last=2, num_samples=min(cfg.training.num_samples, 1),
              sample_tokens=16, hellaswag_every=None)
     d["modal"]["max_cost_usd"] = None
@@ -167,7 +171,7 @@ def rehearse(cfg: Config, data_root: str | Path, device: str = "cpu", use_wandb:
     from src.training.trainer import train
 
     data_root = Path(data_root)
-    scfg, notes = plan(cfg, data_root)
+    scfg, notes = plan(cfg, data_root, full=str(device).startswith("cuda"))
     for n in notes:
         log(n)
     layout = RunLayout(data_root, scfg.name)
@@ -185,6 +189,9 @@ def rehearse(cfg: Config, data_root: str | Path, device: str = "cpu", use_wandb:
     r.resumed_loss = _step_row(layout, SMOKE_STEPS).get("train/loss")
     r.seconds = time.time() - t0
     r.peak_rss_gb = peak_rss_gb()
+    if torch.cuda.is_available() and str(device).startswith("cuda"):
+        r.peak_gpu_gb = torch.cuda.max_memory_allocated() / 2**30
+        r.mfu = row3.get("mfu")
     if r.loss is None or r.resumed_loss != r.loss:
         raise SLMError(f"--smoke: resuming from {step2} did not reproduce step {SMOKE_STEPS}'s "
                        f"loss ({r.resumed_loss} after resume, {r.loss} before): exact resume is "
@@ -218,14 +225,14 @@ def _duration(hours: float) -> str:
     return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:.1f} h"
 
 
-def forecast_text(cfg: Config, mfu: float | None = None) -> str:
+def forecast_text(cfg: Config, mfu: float | None = None, mfu_source: str | None = None) -> str:
     """Memory per GPU, tokens/s, hours and dollars of the full config on its configured GPU."""
     from src.tools.cost import estimate, gpu_count
     from src.tools.dryrun import memory_estimate_gb
 
     kind, n = gpu_count(cfg.modal.gpu, cfg.modal.nodes)
     spec = gpu_spec(kind)
-    e = estimate(cfg, mfu=mfu)
+    e = estimate(cfg, mfu=mfu, mfu_source=mfu_source)
     mem = memory_estimate_gb(_full_model(cfg), cfg, world=n)
     tps = spec.tflops * 1e12 * e.mfu * n / e.flops_per_token
     capped = bool(cfg.training.max_seconds) and e.hours * 3600 >= cfg.training.max_seconds - 1
@@ -261,5 +268,9 @@ def run_smoke(cfg: Config, data_root: str | Path, device: str = "cpu", use_wandb
     """`--smoke`: the rehearsal, its report and the forecast of the full config."""
     r = rehearse(cfg, data_root, device, use_wandb, log)
     log(report_text(r, device))
-    log(forecast_text(cfg))
+    if r.peak_gpu_gb is not None:
+        log(f"measured on {device}: peak GPU memory {r.peak_gpu_gb:.1f} GB at the configured "
+            f"batch" + (f", MFU {r.mfu:.0%} at step {SMOKE_STEPS}" if r.mfu else ""))
+    log(forecast_text(cfg, r.mfu, "measured in this smoke run, before warm-up ends: low")
+        if r.mfu else forecast_text(cfg))
     return 0
