@@ -477,6 +477,22 @@ def training_body(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "
     return out
 
 
+def smoke_body(config_yaml: str, wandb: bool = True, log=print) -> dict:
+    """`modal run modal_app.py --smoke`: the rehearsal (docs/smoke.md) on this container's GPU,
+    in the real image with the real volume and secret: measured GPU memory, MFU and cost."""
+    from src.errors import SLMError
+    from src.tools.smoke import run_smoke
+
+    try:
+        _, cfg = resolve(config_yaml=config_yaml)
+        run_smoke(cfg, data_root(), "cuda", wandb and cfg.wandb.mode != "disabled", log)
+        return {"name": cfg.name}
+    except SLMError as e:
+        return {"name": "smoke", "error": str(e)}
+    finally:
+        commit_volume(log)
+
+
 def cluster_body(config_yaml: str, wandb: bool = True, log=print) -> dict | None:
     """One container of a multi-node run: torchrun across all containers' GPUs (rank 0 reports)."""
     from src.hardware import parse_gpu
@@ -572,6 +588,12 @@ def train(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "", name:
     return training_body(config_path, gpu, set, name, wandb, config_yaml)
 
 
+@app.function(image=image, volumes=_volumes, secrets=[wandb_secret], **launch_options(STATIC))
+def smoke_run(config_yaml: str, wandb: bool = True) -> dict:
+    """A few steps of a config on its GPU, then the forecast (`modal run modal_app.py --smoke`)."""
+    return smoke_body(config_yaml, wandb)
+
+
 @app.function(image=image, volumes=_volumes, cpu=8.0, memory=32768, timeout=86400,
               retries=modal.Retries(max_retries=3, initial_delay=1.0))
 def prepare_data(config_path: str = DEFAULT_CONFIG, set: str = "", config_yaml: str = "") -> dict:
@@ -611,7 +633,7 @@ if STATIC.nodes > 1:  # multi-node (Modal beta): only defined when the config as
 
 @app.local_entrypoint()
 def main(config: str = DEFAULT_CONFIG, gpu: str = "", set: str = "", name: str = "",
-         wandb: bool = True):
+         wandb: bool = True, smoke: bool = False):
     """Train a config on Modal: modal run modal_app.py --config configs/gpt_350m.yaml --gpu H100."""
     from src.errors import SLMError
     from src.tools.cost import estimate_text
@@ -633,6 +655,10 @@ def main(config: str = DEFAULT_CONFIG, gpu: str = "", set: str = "", name: str =
           + f", {m.timeout} s per attempt, up to {m.retries} retries")
     print(estimate_text(cfg))
     text = yaml.safe_dump(raw, sort_keys=False)
+    if smoke:  # a rehearsal on the configured GPU, never a training run (docs/smoke.md)
+        out = smoke_run.with_options(**launch_options(m)).remote(config_yaml=text,
+                                                                wandb=wandb)
+        sys.exit(f"error: {out['error']}" if out.get("error") else 0)
     call = fn.with_options(**launch_options(m)).spawn(config_yaml=text, wandb=wandb)
     print(f"started {call.object_id}. Under `modal run --detach` it keeps going if this terminal "
           f"closes; follow it with `modal app logs {APP_NAME}`")
