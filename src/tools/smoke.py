@@ -29,8 +29,8 @@ from src.paths import RunLayout
 from src.training.config import Config, config_from_dict
 from src.training.metrics import peak_rss_gb, read_metrics
 
-SMOKE_PARAMS = 120_000_000  # most parameters rehearsed: ~16 B each (weights, grads, AdamW)
-SMOKE_SEQ = 64  # tokens per sequence in the rehearsal (block_size, and so the shape, stay)
+SMOKE_PARAMS = 100_000_000  # most parameters rehearsed: ~16 B each (weights, grads, AdamW)
+SMOKE_SEQ = 32  # tokens per sequence in the rehearsal (block_size, and so the shape, stay)
 SMOKE_BATCH = 1  # sequences per micro-step
 SMOKE_STEPS = 3  # optimizer steps; a checkpoint at step 2 is resumed to redo step 3
 SAMPLE_BYTES = 600_000  # text of the embedded corpus the rehearsal prepares
