@@ -593,6 +593,22 @@ def training_body(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "
     return out
 
 
+def smoke_body(config_yaml: str, wandb: bool = True, log=print) -> dict:
+    """`modal run modal_app.py --smoke`: the rehearsal (docs/smoke.md) on this container's GPU,
+    in the real image with the real volume and secret: measured GPU memory, MFU and cost."""
+    from src.errors import SLMError
+    from src.tools.smoke import run_smoke
+
+    try:
+        _, cfg = resolve(config_yaml=config_yaml)
+        run_smoke(cfg, data_root(), "cuda", wandb and cfg.wandb.mode != "disabled", log)
+        return {"name": cfg.name}
+    except SLMError as e:
+        return {"name": "smoke", "error": str(e)}
+    finally:
+        commit_volume(log)
+
+
 def cluster_body(config_yaml: str, wandb: bool = True, log=print,
                  started: float | None = None) -> dict | None:
     """One container of a multi-node run: torchrun across all containers' GPUs (rank 0 reports)."""
@@ -693,6 +709,12 @@ def train(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "", name:
     return training_body(config_path, gpu, set, name, wandb, config_yaml, started=started)
 
 
+@app.function(image=image, volumes=_volumes, **launch_options(STATIC, wandb=STATIC_WANDB))
+def smoke_run(config_yaml: str, wandb: bool = True) -> dict:
+    """A few steps of a config on its GPU, then the forecast (`modal run modal_app.py --smoke`)."""
+    return smoke_body(config_yaml, wandb)
+
+
 @app.function(image=image, volumes=_volumes, cpu=8.0, memory=32768, timeout=86400,
               retries=modal.Retries(max_retries=3, initial_delay=1.0))
 def prepare_data(config_path: str = DEFAULT_CONFIG, set: str = "", config_yaml: str = "") -> dict:
@@ -775,7 +797,7 @@ def wait_for(call, m) -> dict:
 
 @app.local_entrypoint()
 def main(config: str = DEFAULT_CONFIG, gpu: str = "", set: str = "", name: str = "",
-         wandb: bool = True):
+         wandb: bool = True, smoke: bool = False):
     """Train a config on Modal: modal run modal_app.py --config configs/gpt_350m.yaml --gpu H100."""
     from src.errors import SLMError
     from src.tools.cost import estimate_text
@@ -798,6 +820,9 @@ def main(config: str = DEFAULT_CONFIG, gpu: str = "", set: str = "", name: str =
     print(estimate_text(cfg))
     text = yaml.safe_dump(raw, sort_keys=False)
     opts = launch_options(m, wants_wandb_secret(cfg, wandb))
+    if smoke:  # a rehearsal on the configured GPU, never a training run (docs/smoke.md)
+        out = smoke_run.with_options(**opts).remote(config_yaml=text, wandb=wandb)
+        sys.exit(f"error: {out['error']}" if out.get("error") else 0)
     try:
         call = fn.with_options(**opts).spawn(config_yaml=text, wandb=wandb)
     except modal.exception.NotFoundError as e:

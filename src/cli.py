@@ -70,6 +70,12 @@ def cmd_train(args, extra) -> int:
 
         print(describe(cfg, args.device))
         return 0
+    if args.smoke:
+        from src.tools.smoke import run_smoke
+
+        use = not args.no_wandb and cfg.wandb.mode != "disabled"
+        dev = "cpu" if args.device == "auto" else args.device
+        return run_smoke(cfg, paths.data_root(args.data_root), dev, use)
     if not args.no_wandb and cfg.wandb.mode != "disabled":
         from src.training.wandb_sink import check_online_ready
 
@@ -210,6 +216,9 @@ def _add_train(sub) -> None:
                         "moved aside), or a checkpoint path")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, size, FLOPs and memory estimate, then exit")
+    p.add_argument("--smoke", action="store_true",
+                   help="rehearse this config's code path in minutes (a few steps, checkpoint, "
+                        "exact resume), then forecast the GPU run's memory, time and cost")
     p.add_argument("--samples", type=int, default=0,
                    help="extra samples printed at the end (the run already ends with "
                         "training.num_samples of them)")

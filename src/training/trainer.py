@@ -167,6 +167,7 @@ class StepOut:
     grad_norm: torch.Tensor
     factor: float  # learning-rate factor used
     stop: int | None  # a signal any rank got
+    abandoned: bool = False  # a stop request came between micro-steps: the step was not taken
 
 
 class Trainer:
@@ -385,6 +386,8 @@ class Trainer:
         with _Signals() as sig:
             while not self.stopped and not self.budget.done(s.step, s.tokens):
                 out = self.step(sig)
+                if out.abandoned:  # stopped between micro-steps: save the last completed step
+                    self.interrupt(out.stop, sig.got)
                 last = self.budget.done(s.step, s.tokens)
                 if self.bad_seen is not None and (last or out.stop is not None or any(
                         s.step % n == 0 for n in (t.log_every, t.eval_every, t.checkpoint_every))):
@@ -421,7 +424,10 @@ class Trainer:
         factor = lr_factor(t, s.step, self.budget.progress(s.step, s.tokens), s.schedule_from)
         set_lr(self.optimizer, factor)
         loss_sum = torch.zeros((), device=self.dev)
+        start = self._step_start(accum)
         for micro in range(accum):
+            if start is not None and micro and sig.got is not None:
+                return self._abandon(start, loss_sum, factor, sig.got)
             x, y = self.loader.next_batch(self.dev)
             dist.grad_sync(self.wrapped, micro == accum - 1)  # reduce on the last micro-step
             with self.autocast():
@@ -452,6 +458,21 @@ class Trainer:
         s.tokens += self.tokens_per_step
         self.win_tokens += self.tokens_per_step
         return StepOut(loss_sum, gnorm, factor, stop)
+
+    def _step_start(self, accum: int) -> tuple | None:
+        """Where a step starts, so that a stop request between its micro-steps can abandon it.
+        One process only: under torchrun the ranks agree on a stop once per step."""
+        if accum == 1 or self.world > 1:
+            return None
+        return self.loader.state_dict(), rng_state(self.dev)
+
+    def _abandon(self, start: tuple, loss_sum, factor: float, got: int) -> StepOut:
+        """Drop a partial step: gradients, data position and RNG go back to the step's start,
+        so the checkpoint written next is the last completed step (exact resume holds)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loader.load_state_dict(start[0])
+        set_rng_state(start[1], self.dev)
+        return StepOut(loss_sum, torch.zeros(()), factor, got, abandoned=True)
 
     def _finite(self, loss_sum, gnorm) -> bool:
         """False when this step's update must be skipped (training.skip_nonfinite)."""

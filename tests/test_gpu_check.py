@@ -1,0 +1,48 @@
+"""bench/gpu_check.py: its checks run on a CPU with small models; without CUDA it exits cleanly."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+
+import gpu_check  # noqa: E402
+
+from src.model.gpt import GPTConfig  # noqa: E402
+
+SMALL = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64, vocab_size=256)
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_train_speed_trains_under_autocast(dtype, one_thread):
+    r = gpu_check.train_speed(CPU, SMALL, 2, 32, dtype, steps=2)
+    assert r["tokens_per_sec"] > 0 and r["loss"] == r["loss"]  # finite, not NaN
+    assert r["mfu"] is None  # no datasheet peak for a CPU
+
+
+def test_sdpa_kernels_name_the_ones_that_run():
+    k = gpu_check.sdpa_kernels(CPU, torch.float32, seq=32)
+    assert list(k) == ["flash_attention", "efficient_attention", "cudnn_attention", "math"]
+    assert k["math"] is True
+
+
+def test_generation_speed_and_table(one_thread):
+    tps = gpu_check.generation_speed(CPU, SMALL, new_tokens=8)
+    assert tps > 0
+    text = gpu_check.table([("KV-cache generation", f"{tps:.0f} tok/s", "small")])
+    assert text.splitlines()[0].startswith("| check") and "KV-cache generation" in text
+
+
+def test_fsdp_needs_two_gpus(tmp_path):
+    assert gpu_check.fsdp_check(1, tmp_path)[1] == "skipped"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_without_cuda_it_says_so_and_exits_0(capsys):
+    assert gpu_check.main([]) == 0
+    assert "no CUDA GPU" in capsys.readouterr().out
