@@ -304,7 +304,11 @@ def lock_store():
     return modal.Dict.from_name(LOCK_DICT, create_if_missing=True)
 
 
-def shared_lock(locks, key: str, what: str, log=print, wait_s: float = 0.0):
+def _call_id() -> str | None:
+    return None if modal.is_local() else modal.current_function_call_id()
+
+
+def shared_lock(locks, key: str, what: str, log=print, wait_s: float = 0.0, owner=None):
     """A context that holds `key` in `locks` (a modal.Dict or the same methods), if any.
 
     The owner is this Modal call, so a retried attempt of the same call takes over its own lease
@@ -314,8 +318,20 @@ def shared_lock(locks, key: str, what: str, log=print, wait_s: float = 0.0):
         return contextlib.nullcontext()
     from src.training.lock import LeaseLock
 
-    owner = None if modal.is_local() else modal.current_function_call_id()
-    return _Held(LeaseLock(locks, key, what, owner=owner, log=log), wait_s)
+    return _Held(LeaseLock(locks, key, what, owner=owner or _call_id(), log=log), wait_s)
+
+
+def cluster_lock(locks, run: str, rank: int, log=print, owner=None):
+    """The run lock of a multi-node run: rank 0 holds it for the whole cluster (every container
+    of one clustered call shares its call id); the other ranks only check that no other call
+    holds it, so a refused run ends in every container instead of leaving them waiting."""
+    key, what = f"run/{run}", f"run '{run}'"
+    if rank == 0 or locks is None:
+        return shared_lock(locks, key, what, log, owner=owner)
+    from src.training.lock import LeaseLock
+
+    LeaseLock(locks, key, what, owner=owner or _call_id(), log=log).check_free()
+    return contextlib.nullcontext()
 
 
 class _Held:
@@ -610,8 +626,9 @@ def smoke_body(config_yaml: str, wandb: bool = True, log=print) -> dict:
 
 
 def cluster_body(config_yaml: str, wandb: bool = True, log=print,
-                 started: float | None = None) -> dict | None:
+                 started: float | None = None, locks=None) -> dict | None:
     """One container of a multi-node run: torchrun across all containers' GPUs (rank 0 reports)."""
+    from src.errors import SLMError
     from src.hardware import parse_gpu
     from src.tools.cost import modal_cost_per_hour
 
@@ -621,16 +638,22 @@ def cluster_body(config_yaml: str, wandb: bool = True, log=print,
     ips = cluster.container_ips(family="ipv4") or cluster.container_ips()
     raw, cfg = resolve(config_yaml=config_yaml)
     root = data_root()
-    if rank == 0:
-        ensure_data(raw, cfg, root, log)
-    while not dataset_ready(cfg, root):  # the other containers wait for rank 0's data
-        time.sleep(COMMIT_POLL_S)
-        reload_volume(log)
-    _, gpus = parse_gpu(cfg.modal.gpu)
-    rate = modal_cost_per_hour(cfg.modal)
-    seconds = attempt_seconds(cfg.modal.timeout, started)
-    out = _run_torchrun(raw, cfg, root, gpus, wandb, rate, seconds, log, cfg.modal.nodes, rank,
-                        ips[0])
+    locks = lock_store() if locks is None else locks
+    try:
+        with cluster_lock(locks, cfg.name, rank, log):
+            if rank == 0:
+                ensure_data(raw, cfg, root, log)
+            while not dataset_ready(cfg, root):  # the other containers wait for rank 0's data
+                time.sleep(COMMIT_POLL_S)
+                reload_volume(log)
+                cluster_lock(locks, cfg.name, rank, log)  # rank 0 refused: stop waiting
+            _, gpus = parse_gpu(cfg.modal.gpu)
+            rate = modal_cost_per_hour(cfg.modal)
+            seconds = attempt_seconds(cfg.modal.timeout, started)
+            out = _run_torchrun(raw, cfg, root, gpus, wandb, rate, seconds, log, cfg.modal.nodes,
+                                rank, ips[0])
+    except SLMError as e:
+        out = {"name": cfg.name, "error": str(e)}
     if rank == 0:
         report(out, log)
         return out

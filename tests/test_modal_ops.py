@@ -264,3 +264,18 @@ def test_prepare_data_and_the_launcher_start_without_a_static_secret(tmp_path, t
                        env={**os.environ, "HOME": str(tmp_path)}, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "[]"
+
+
+def test_a_multi_node_run_is_locked_by_rank_0_for_every_container(tmp_path):
+    """Rank 0 holds the run for the cluster; the other ranks (same call) go on, and when another
+    call holds the run every rank is refused, so none is left waiting for the others."""
+    d = FileDict(tmp_path / "locks.json")
+    with modal_app.cluster_lock(d, "big", rank=0, owner="fc-cluster"):
+        with modal_app.cluster_lock(d, "big", rank=1, owner="fc-cluster"):
+            pass  # a container of the same call
+        with pytest.raises(SLMError, match="run 'big' is in use"):
+            modal_app.cluster_lock(d, "big", rank=1, owner="fc-other")
+        with pytest.raises(SLMError, match="run 'big' is in use"):
+            with modal_app.cluster_lock(d, "big", rank=0, owner="fc-other"):
+                pass
+    assert LeaseLock(d, "run/big", "?", owner="x").holder() is None  # released by rank 0

@@ -111,13 +111,22 @@ class LeaseLock:
         deadline = time.monotonic() + wait_s
         while (held := self.try_acquire()) is not None:
             if time.monotonic() >= deadline:
-                left = max(0.0, held.get("expires", 0) - self.clock())
-                raise SLMError(
-                    f"{self.what} is in use by another container ({held.get('who', '?')}; its "
-                    f"lease runs {left:.0f} s more unless renewed); wait for it, stop it, or give "
-                    "this run another name (--name NAME)")
+                raise self._refusal(held)
             time.sleep(min(poll_s, max(0.0, deadline - time.monotonic())))
         return self
+
+    def check_free(self) -> None:
+        """SLMError when another owner holds the lock (a taker that must not take it itself:
+        the other containers of a multi-node run, whose rank 0 holds it for all of them)."""
+        if (held := self.holder()) is not None:
+            raise self._refusal(held)
+
+    def _refusal(self, held: dict) -> SLMError:
+        left = max(0.0, held.get("expires", 0) - self.clock())
+        return SLMError(
+            f"{self.what} is in use by another container ({held.get('who', '?')}; its lease "
+            f"runs {left:.0f} s more unless renewed); wait for it, stop it, or give this run "
+            "another name (--name NAME)")
 
     def renew(self) -> bool:
         """Extend the lease; False (and `lost`) when another taker has it now."""
