@@ -25,6 +25,7 @@ stays bounded whatever the corpus size: nothing holds more than a few batches of
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -88,13 +89,20 @@ def dataset_dir(data_cfg, data_root: str | Path) -> Path:
     return Path(data_root) / "datasets" / f"{slug}-{tok}-{h}"
 
 
-def num_workers(data_cfg) -> int:
-    if data_cfg.num_workers:
-        return data_cfg.num_workers
+def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+def num_workers(data_cfg, log=None) -> int:
+    """data.num_workers (0: one per core), never more processes than cores."""
+    cores = _cores()
+    if data_cfg.num_workers and data_cfg.num_workers > cores and log:
+        log(f"note: data.num_workers {data_cfg.num_workers} is more than this machine's {cores} "
+            f"cores; using {cores}")
+    return min(data_cfg.num_workers or cores, cores)
 
 
 def _read_json(path: Path) -> dict:
@@ -558,9 +566,34 @@ def prepare(cfg, data_root: str | Path, log=print, progress: bool | None = None)
     out = dataset_dir(cfg.data, data_root)
     if (out / "manifest.json").is_file():
         return load_dataset(out)
+    with _building(out):  # another `slm prepare` of the same data: wait for it, then reuse
+        if (out / "manifest.json").is_file():
+            log(f"{out}: prepared meanwhile by another process; reusing it")
+            return load_dataset(out)
+        return _prepare_locked(cfg, data_root, out, log, progress)
+
+
+@contextlib.contextmanager
+def _building(out: Path):
+    """An exclusive lock on <dataset>.lock (beside the folder) while one process builds it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "a") as f:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no coordination
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare_locked(cfg, data_root, out: Path, log, progress) -> Dataset:
     parts = plan(cfg, data_root, log)
     tok = _tokenizer_for(out)
-    n = num_workers(cfg.data)
+    n = num_workers(cfg.data, log)
     sizes = [p.get("bytes") for p in parts]
     log(f"tokenizing {len(parts)} part(s) with {n} process(es)")
     bar = Progress(progress, None if None in sizes else sum(sizes), log)
