@@ -66,7 +66,7 @@ def name_max(folder: Path) -> int:
 
 def _existing_parent(p: Path) -> Path:
     q = p
-    while not q.exists():
+    while not os.path.exists(q):
         if q.parent == q:
             break
         q = q.parent
@@ -84,7 +84,11 @@ def writable_folder(path, what: str) -> Path:
     p = Path(path).absolute()
     if is_system(p):
         raise SLMError(f"{what} {path} is a system folder, not storage; choose a folder of yours")
-    if p.exists() and not p.is_dir():
+    for part in p.parts:
+        if len(os.fsencode(part)) > 255:
+            raise SLMError(f"{what} {path}: the name {part[:40]}... is longer than file systems "
+                           "allow (255 bytes); use a shorter one")
+    if os.path.exists(p) and not os.path.isdir(p):
         raise SLMError(f"{what} {path} is a file, not a folder; give a folder (or a new path)")
     base = _existing_parent(p)
     if not base.is_dir():
@@ -104,22 +108,22 @@ def new_file(path, what: str, force: bool = False, flag: str = "--force") -> Pat
     """A file slm is about to write: its folder must be writable and an existing file (or a
     folder of that name) is kept unless force."""
     p = Path(path)
-    if p.is_dir():
+    if len(os.fsencode(p.name)) > 255:
+        raise SLMError(f"{what} {path}: the file name is longer than file systems allow (255 "
+                       "bytes); use a shorter one")
+    if os.path.isdir(p):
         raise SLMError(f"{what} {path} is a folder; give a file name inside it")
-    if p.exists() and not force:
+    if os.path.exists(p) and not force:
         raise SLMError(f"{what} {path} already exists; choose another name or pass {flag} "
                        "to replace it")
     writable_folder(p.parent, what)
-    if len(os.fsencode(p.name)) > name_max(_existing_parent(p.parent)):
-        raise SLMError(f"{what} {path}: the file name is longer than the file system allows; "
-                       "use a shorter one")
     return p
 
 
 def empty_folder(path, what: str, force: bool = False, flag: str = "--force") -> Path:
     """A folder slm fills: new or empty, unless force."""
     p = writable_folder(path, what)
-    if p.is_dir() and any(p.iterdir()) and not force:
+    if os.path.isdir(p) and any(p.iterdir()) and not force:
         raise SLMError(f"{what} {path} is not empty; choose a new folder or pass {flag} to "
                        "replace the files slm writes there")
     return p
