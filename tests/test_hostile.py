@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import shutil
 import struct
 import zipfile
 from pathlib import Path
@@ -303,9 +302,10 @@ def test_concurrent_prepare_of_one_dataset(corpus, tmp_path):
 
 
 def test_exports_use_the_users_umask(work, tmp_path):
-    out = export(work["model"], tmp_path / "m.safetensors", "safetensors")
-    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
-    shutil.rmtree(tmp_path)
+    """Exported weights get the permissions of any other file the user creates."""
+    export(work["model"], tmp_path / "m.safetensors", "safetensors")
+    for f in ("m.safetensors", "m.json"):
+        assert (tmp_path / f).stat().st_mode & 0o777 == 0o666 & ~_umask()
 
 
 def _umask() -> int:
