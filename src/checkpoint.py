@@ -197,12 +197,16 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
         p.unlink(missing_ok=True)
 
 
-def move_aside(run_dir: Path) -> Path | None:
-    """--resume never: keep the old run under a new name instead of deleting it."""
+def move_aside(run_dir: Path, model_files=()) -> Path | None:
+    """--resume never: keep the old run under a new name instead of deleting it, with its
+    finished model files (models/<name>_final.pt, ...) moved into it."""
     if not run_dir.exists() or all(p.name == ".lock" for p in run_dir.iterdir()):
         return None
     dest = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.rename(dest)
+    for f in map(Path, model_files):
+        if f.is_file():
+            os.replace(f, dest / f.name)
     return dest
 
 

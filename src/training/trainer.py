@@ -116,7 +116,7 @@ def _launch(cfg, layout, device, resume, use_wandb, on_checkpoint, log, cost_per
 def _take_lock(layout: RunLayout, resume: str, say) -> RunLock:
     lock = RunLock(layout.lock)
     if resume == "never":
-        moved = ckpt.move_aside(layout.run_dir)  # only while we hold the run's lock
+        moved = ckpt.move_aside(layout.run_dir, (layout.model_final, layout.model_best))
         if moved:
             lock, old = RunLock(layout.lock), lock
             old.release()
