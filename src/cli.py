@@ -82,7 +82,11 @@ def cmd_train(args, extra) -> int:
     from src.training.trainer import train
 
     if os.environ.get("WORLD_SIZE", "1") == "1":
-        resolve_device(args.device)  # a clear error before any data work
+        dev = resolve_device(args.device)  # a clear error before any data work
+        if not args.ignore_memory:
+            from src.tools.dryrun import check_memory
+
+            check_memory(cfg, dev)
     res = train(cfg, data_root=paths.data_root(args.data_root), device=args.device,
                 resume=args.resume, use_wandb=not args.no_wandb)
     if args.samples and res.final_checkpoint and int(os.environ.get("RANK", "0")) == 0:
@@ -214,6 +218,8 @@ def _add_train(sub) -> None:
                         "moved aside), or a checkpoint path")
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, size, FLOPs and memory estimate, then exit")
+    p.add_argument("--ignore-memory", action="store_true",
+                   help="train even when the memory estimate exceeds the device's memory")
     p.add_argument("--samples", type=arg(int, 0), default=0,
                    help="extra samples printed at the end (the run already ends with "
                         "training.num_samples of them)")

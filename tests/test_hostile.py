@@ -228,6 +228,11 @@ CASES = [
                       ("--max-tokens", "-1")]],
     ("train --samples -1", lambda e: ["train", "--samples", "-1"], ["--samples"]),
     ("prepare --workers -2", lambda e: ["prepare", "--workers", "-2"], ["--workers"]),
+    # --- 5. memory that cannot be had is refused before allocating
+    *[(f"train a model that cannot fit ({k} {v})",
+       lambda e, k=k, v=v: _train(e, "--name", "huge", k, v), ["GB", "--ignore-memory"])
+      for k, v in [("--model.vocab_size", "100000000"), ("--model.n_embd", "65536"),
+                   ("--training.batch_size", "100000000")]],
     # --- 7. no silent surprises in configs
     *[(f"{cmd} {f}", lambda e, cmd=cmd, f=f: [cmd, "--config", e[W] / f, "--data-root",
                                               e["root"]], [f, why])
@@ -253,6 +258,15 @@ CASES = [
     ("serve --port http", lambda e: ["serve", e["model"], "--port", "http"], ["--port"]),
     ("sample --top-k 2.5", lambda e: ["sample", e["model"], "--top-k", "2.5"], ["--top-k"]),
 ]
+
+
+def test_workers_are_capped_at_the_cores():
+    from src.data.prepare import _cores, num_workers
+    from src.training.config import DataConfig
+
+    notes = []
+    assert num_workers(DataConfig(num_workers=500), notes.append) == _cores()
+    assert "500" in notes[0] and str(_cores()) in notes[0]
 
 
 def _hashes(folder: Path) -> dict[str, str]:
