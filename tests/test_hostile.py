@@ -297,6 +297,9 @@ def test_hostile_input_keeps_every_promise(case, argv, needles, work, capsys, mo
     after = _hashes(work["w"])
     changed = [f for f, h in before.items() if after.get(f) != h]
     assert not changed, f"{case} changed or removed {changed}"
+    empty = [d.name for d in (work["root"] / "checkpoints").iterdir()
+             if all(p.name == ".lock" for p in d.iterdir())]
+    assert not empty, f"{case} left empty run folders {empty}"
     assert "this must never run" not in capsys.readouterr().out
 
 

@@ -110,7 +110,17 @@ def _launch(cfg, layout, device, resume, use_wandb, on_checkpoint, log, cost_per
     finally:
         if lock:
             lock.release()
+            _drop_if_empty(layout.run_dir)  # a run that failed before training leaves nothing
         dist.teardown()
+
+
+def _drop_if_empty(run_dir: Path) -> None:
+    try:
+        if all(p.name == ".lock" for p in run_dir.iterdir()):
+            (run_dir / ".lock").unlink(missing_ok=True)
+            run_dir.rmdir()
+    except OSError:  # something arrived meanwhile: keep it
+        pass
 
 
 def _take_lock(layout: RunLayout, resume: str, say) -> RunLock:
