@@ -73,8 +73,8 @@ def load(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
     """
     path = Path(path)
     if path.is_dir():
-        raise SLMError(f"checkpoint {path} is a folder; give a file in it (e.g. {path}/final.pt "
-                       "or step_N.pt), or --resume auto for the run's newest checkpoint")
+        raise SLMError(f"checkpoint {path} is a folder; give a checkpoint file in it (e.g. "
+                       f"{path}/final.pt or step_N.pt)")
     if path.suffix == ".safetensors" and path.is_file():
         raise SLMError(f"{path} is a weights-only export (no optimizer or data position); "
                        "training resumes from checkpoints/<name>/step_N.pt or final.pt, or "

@@ -65,6 +65,11 @@ def _user_files(w: Path) -> None:
     (w / "dup_section.yaml").write_text("model:\n  n_layer: 2\nmodel:\n  n_layer: 4\n")
     (w / "dup_key.yaml").write_text("model:\n  n_layer: 2\n  n_layer: 4\n")
     (w / "dup_top.yaml").write_text("name: a\nname: b\n")
+    for name, rows in [("missing", ['{"text": "one"}', '{"body": "two"}']),
+                       ("number", ['{"text": 123}', '{"text": 456}']),
+                       ("null", ['{"text": "one"}', '{"text": null}']),
+                       ("list", ['{"text": ["one", "two"]}'])]:
+        (w / f"rows_{name}.jsonl").write_text("\n".join(rows * 50) + "\n")
     zipped = w / "other.zip.pt"
     with zipfile.ZipFile(zipped, "w") as z:
         z.writestr("readme.txt", "not a torch file")
@@ -241,6 +246,10 @@ CASES = [
                      ("dup_section.yaml", "'model' is given twice"),
                      ("dup_key.yaml", "'n_layer' is given twice"),
                      ("dup_top.yaml", "'name' is given twice")]],
+    *[(f"prepare JSON lines whose text is {k}",
+       lambda e, k=k: ["prepare", "--data-root", e[W] / "rows_root", "--data.source",
+                       e[W] / f"rows_{k}.jsonl", "--data.tokenizer", "bytes"],
+       [f"rows_{k}.jsonl", "'text'"]) for k in ("missing", "number", "null", "list")],
     *[(f"{cmd} --name ''", lambda e, cmd=cmd: [cmd, "--name", "", "--data-root", e["root"]],
        ["--name ''"]) for cmd in ("train", "prepare", "cost")],
     # --- 8. messages name the right thing; usage mistakes are one line
