@@ -60,6 +60,7 @@ def _user_files(w: Path) -> None:
     (w / "plots").mkdir()
     (w / "folder.safetensors").mkdir()
     (w / "a_file").write_text("a file, not a folder\n")
+    (w / "empty_val.txt").write_text("")
     (w / "empty.yaml").write_text("")
     (w / "comments.yaml").write_text("# just a comment\n# and another\n")
     (w / "dup_section.yaml").write_text("model:\n  n_layer: 2\nmodel:\n  n_layer: 4\n")
@@ -257,6 +258,19 @@ CASES = [
      lambda e: _train(e, "--resume", e[W] / "good.safetensors"), ["good.safetensors", "export"]),
     ("resume from a run folder", lambda e: _train(e, "--resume", e["run"]),
      ["is a folder", "final.pt"]),
+    *[(f"{cmd} with a missing data.val_source",
+       lambda e, cmd=cmd: [*_train(e, "--name", "val")[:1], *_train(e, "--name", "val")[6:],
+                           "--data.val_source", e[W] / "no_such_val"],
+       ["data.val_source", "no_such_val"]) for cmd in ("prepare",)],
+    ("train with a missing data.val_source",
+     lambda e: _train(e, "--name", "val", "--data.val_source", e[W] / "no_such_val"),
+     ["data.val_source", "no_such_val"]),
+    ("train with an empty data.val_source",
+     lambda e: _train(e, "--name", "val", "--data.val_source", e[W] / "empty_val.txt"),
+     ["data.val_source", "empty_val.txt"]),
+    ("char tokenizer with a sample_prompt outside its vocabulary",
+     lambda e: _train(e, "--name", "snow", "--data.tokenizer", "char",
+                      "--training.sample_prompt", "\u2603 snow"), ["training.sample_prompt"]),
     ("unknown command", lambda e: ["trian"], ["trian", "--help"]),
     ("export without --to", lambda e: ["export", e["model"], e[W] / "x"], ["--to"]),
     ("export --to onnx", lambda e: ["export", e["model"], "--to", "onnx", e[W] / "x"],

@@ -62,6 +62,14 @@ class Dataset:
     val: list[Path] = field(default_factory=list)
 
 
+def _as_val(fn, *args):
+    """fn(data.val_source, ...), its errors naming data.val_source (sources says data.source)."""
+    try:
+        return fn(*args)
+    except SLMError as e:
+        raise SLMError(str(e).replace("data.source", "data.val_source", 1)) from None
+
+
 def dataset_key(data_cfg) -> dict:
     d = data_cfg
     key = {
@@ -69,7 +77,7 @@ def dataset_key(data_cfg) -> dict:
         "source": d.source,
         "source_fp": sources.fingerprint(d.source),
         "val_source": d.val_source,
-        "val_fp": sources.fingerprint(d.val_source) if d.val_source else None,
+        "val_fp": _as_val(sources.fingerprint, d.val_source) if d.val_source else None,
         "val_fraction": d.val_fraction,
         "tokenizer": d.tokenizer,
         "text_field": d.text_field,
@@ -264,7 +272,7 @@ def make_parts(d, data_root: str | Path, log=print) -> tuple[list[dict], dict, d
     groups, info = sources.resolve(d.source, data_root, d.split, log)
     vinfo = None
     if d.val_source:
-        vgroups, vinfo = sources.resolve(d.val_source, data_root, _val_split(d), log)
+        vgroups, vinfo = _as_val(sources.resolve, d.val_source, data_root, _val_split(d), log)
         parts = [{"unit": u, "mode": "train"} for u in _units(groups, d.text_field)]
         parts += [{"unit": u, "mode": "val"} for u in _units(vgroups, d.text_field)]
     else:
@@ -523,9 +531,12 @@ def finalize(cfg, data_root: str | Path, results: list[dict], log=print) -> Data
     if stats["train"]["chars"] == 0:  # (empty documents still count an end-of-text token)
         raise SLMError(f"data.source {d.source}: no text found (the files are empty); "
                        "point data.source at files that hold text")
+    if stats["val"]["tokens"] < 2 and d.val_source:
+        raise SLMError(f"data.val_source {d.val_source}: no text found; point it at files that "
+                       "hold text, or remove it to split data.source instead")
     if stats["val"]["tokens"] < 2:
         raise SLMError(
-            f"data: the validation split of {d.val_source or d.source} is empty; "
+            f"data: the validation split of {d.source} is empty; "
             "set data.val_source or raise data.val_fraction"
         )
     tok = _tokenizer_for(out)

@@ -114,6 +114,15 @@ def _launch(cfg, layout, device, resume, use_wandb, on_checkpoint, log, cost_per
         dist.teardown()
 
 
+def _check_prompt(prompt: str, tok) -> None:
+    """training.sample_prompt must encode with the run's tokenizer: checked before training."""
+    try:
+        tok.encode(prompt)
+    except SLMError as e:
+        raise SLMError(f"training.sample_prompt {prompt!r}: {e}; change the prompt (or set it "
+                       "to '') so that the samples after training can be made") from None
+
+
 def _drop_if_empty(run_dir: Path) -> None:
     try:
         if all(p.name == ".lock" for p in run_dir.iterdir()):
@@ -210,6 +219,7 @@ class Trainer:
 
     def build(self, state, state_path) -> None:
         self.ds, self.tok = self._data(state, state_path)
+        _check_prompt(self.t.sample_prompt, self.tok)
         self.model, init_sd = self._model(state, state_path)
         self._precision()
         self.wrapped = dist.wrap_model(self.model, self.ctx, self._fsdp_dtype())
