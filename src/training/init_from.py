@@ -14,8 +14,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from src import checkpoint as ckpt
 from src.errors import SLMError
 from src.model.gpt import SHAPE_KEYS, GPTConfig
