@@ -351,16 +351,16 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; another "
                         "address needs an API key or --insecure)")
-    p.add_argument("--port", type=arg(int, 1, 65535), default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 requests (default: the "
                         "SLM_API_KEY environment variable, which keeps the key out of ps)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without an API key")
     p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--max-batch", type=arg(int, 1), default=16,
+    p.add_argument("--max-batch", type=int, default=16,
                    help="sequences generated together at most (default 16)")
-    p.add_argument("--max-tokens", type=arg(int, 1), default=None,
+    p.add_argument("--max-tokens", type=int, default=None,
                    help="the largest max_tokens a request may ask for (default: the context)")
     p.set_defaults(fn=cmd_serve)
 
