@@ -72,18 +72,55 @@ def load(path: str | Path, map_location="cpu", mmap: bool = False) -> dict:
     processes on one machine then share the pages).
     """
     path = Path(path)
+    if path.is_dir():
+        raise SLMError(f"checkpoint {path} is a folder; give a checkpoint file in it (e.g. "
+                       f"{path}/final.pt or step_N.pt)")
+    if path.suffix == ".safetensors" and path.is_file():
+        raise SLMError(f"{path} is a weights-only export (no optimizer or data position); "
+                       "training resumes from checkpoints/<name>/step_N.pt or final.pt, or "
+                       "starts from these weights with --model.init_from")
     if not path.is_file():
         raise SLMError(f"checkpoint {path} does not exist")
     _check_archive(path)
-    try:
-        d = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as e:  # pickle.UnpicklingError, RuntimeError (zip), EOFError, ...
-        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            why = "it contains Python objects other than tensors, which slm refuses to unpickle"
-        raise SLMError(f"{path} is not a usable checkpoint: {why}") from None
+    d = _torch_load(path, map_location, mmap)
     if not isinstance(d, dict) or "model_state_dict" not in d:
         raise SLMError(f"{path} is not an slm checkpoint (no model_state_dict)")
+    return d
+
+
+def _torch_load(path: Path, map_location="cpu", mmap: bool = False):
+    """torch.load(weights_only=True), every failure one SLMError naming the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # pickle.UnpicklingError, RuntimeError (zip), EOFError, ...
+        why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            why = "it contains Python objects other than tensors, which slm refuses to unpickle"
+        elif "enforce fail" in str(e) or "inline_container" in str(e):
+            why = "it is a zip archive but not one written by torch.save"
+        raise SLMError(f"{path} is not a usable checkpoint: {why}") from None
+
+
+def load_tensors(path) -> dict:
+    """The tensors of a weights file (.safetensors checked first, else a torch pickle read
+    without running code)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        from src.validate import safetensors_header
+
+        safetensors_header(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # anything the header check could not foresee
+            raise SLMError(f"{path} is not a usable .safetensors file ({type(e).__name__}: "
+                           f"{str(e)[:150]})") from None
+    if not path.is_file():
+        raise SLMError(f"weights file {path} does not exist")
+    d = _torch_load(path)
+    if not isinstance(d, dict) or not all(isinstance(v, torch.Tensor) for v in d.values()):
+        raise SLMError(f"{path} is not a weights file (a mapping of names to tensors)")
     return d
 
 
@@ -160,12 +197,16 @@ def prune(run_dir: str | Path, keep_last: int) -> None:
         p.unlink(missing_ok=True)
 
 
-def move_aside(run_dir: Path) -> Path | None:
-    """--resume never: keep the old run under a new name instead of deleting it."""
+def move_aside(run_dir: Path, model_files=()) -> Path | None:
+    """--resume never: keep the old run under a new name instead of deleting it, with its
+    finished model files (models/<name>_final.pt, ...) moved into it."""
     if not run_dir.exists() or all(p.name == ".lock" for p in run_dir.iterdir()):
         return None
     dest = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir.rename(dest)
+    for f in map(Path, model_files):
+        if f.is_file():
+            os.replace(f, dest / f.name)
     return dest
 
 
@@ -190,9 +231,9 @@ def save_safetensors(model, tok, config: dict, out, dtype=torch.float32) -> Path
 
     from safetensors.torch import save_file
 
-    out = Path(out)
-    if out.suffix != ".safetensors":
-        out = out.with_name(out.name + ".safetensors")
+    from src.validate import user_mode
+
+    out = safetensors_target(out, force=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tied = model.cfg.tie_embeddings
     sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()
@@ -200,6 +241,20 @@ def save_safetensors(model, tok, config: dict, out, dtype=torch.float32) -> Path
     save_file(sd, str(out), metadata={"format": "pt", "slm": SAFETENSORS_FORMAT})
     meta = {"format": SAFETENSORS_FORMAT, "config": config, "tokenizer": tok.to_dict()}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+    user_mode(out)
+    return out
+
+
+def safetensors_target(out, force: bool = False) -> Path:
+    """Where save_safetensors writes (OUT.safetensors and OUT.json), refusing to replace either
+    unless force."""
+    from src.validate import new_file
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        out = out.with_name(out.name + ".safetensors")
+    new_file(out, "export target", force)
+    new_file(out.with_suffix(".json"), "export target (config beside the weights)", force)
     return out
 
 
@@ -221,9 +276,7 @@ def read_safetensors(path, weights: bool = True):
         raise SLMError(f"{side}: not written by `slm export --to safetensors`")
     sd = None
     if weights:
-        from safetensors.torch import load_file
-
-        sd = {k: v.float() for k, v in load_file(path).items()}
+        sd = {k: v.float() for k, v in load_tensors(path).items()}
         if "lm_head.weight" not in sd:  # stored once when tied
             sd["lm_head.weight"] = sd["transformer.wte.weight"]
     return meta["config"], sd, from_dict(meta["tokenizer"])

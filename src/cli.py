@@ -19,6 +19,7 @@ import sys
 
 from src import paths
 from src.errors import Interrupted, SLMError, record_error
+from src.validate import arg
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 DEVICES = ["auto", "cpu", "cuda", "mps"]
@@ -50,7 +51,10 @@ def load_cfg(args, extra: list[str]):
     from src.training.config import load_config
 
     overrides = split_overrides(extra)
-    if args.name:
+    if args.name == "":
+        raise SLMError("--name '': give a run name (letters, digits, '.', '_', '-'), or leave "
+                       "--name out to use the config's")
+    if args.name is not None:
         overrides.append(f"name={args.name}")
     return load_config(args.config, overrides)
 
@@ -84,7 +88,11 @@ def cmd_train(args, extra) -> int:
     from src.training.trainer import train
 
     if os.environ.get("WORLD_SIZE", "1") == "1":
-        resolve_device(args.device)  # a clear error before any data work
+        dev = resolve_device(args.device)  # a clear error before any data work
+        if not args.ignore_memory:
+            from src.tools.dryrun import check_memory
+
+            check_memory(cfg, dev)
     res = train(cfg, data_root=paths.data_root(args.data_root), device=args.device,
                 resume=args.resume, use_wandb=not args.no_wandb)
     if args.samples and res.final_checkpoint and int(os.environ.get("RANK", "0")) == 0:
@@ -158,7 +166,7 @@ def cmd_plot(args, extra) -> int:
     from src.tools.plot import plot
 
     out = plot(args.runs, args.output, x=args.x, smooth=args.smooth, title=args.title,
-               data_root=args.data_root, logy=args.logy)
+               data_root=args.data_root, logy=args.logy, force=args.force)
     print(f"wrote {out}")
     return 0
 
@@ -219,14 +227,16 @@ def _add_train(sub) -> None:
     p.add_argument("--smoke", action="store_true",
                    help="rehearse this config's code path in minutes (a few steps, checkpoint, "
                         "exact resume), then forecast the GPU run's memory, time and cost")
-    p.add_argument("--samples", type=int, default=0,
+    p.add_argument("--ignore-memory", action="store_true",
+                   help="train even when the memory estimate exceeds the device's memory")
+    p.add_argument("--samples", type=arg(int, 0), default=0,
                    help="extra samples printed at the end (the run already ends with "
                         "training.num_samples of them)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("prepare", help="tokenize a config's data into shards")
     _config_args(p)
-    p.add_argument("--workers", type=int, default=None,
+    p.add_argument("--workers", type=arg(int, 0), default=None,
                    help="tokenizer processes (default data.num_workers; 0 = one per core)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when the output is a terminal)")
@@ -239,14 +249,14 @@ def _add_sample(sub) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--prompt", action="append",
                    help="text to continue (repeat for several prompts; default: empty)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = always the likeliest")
-    p.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens")
-    p.add_argument("--top-p", type=float, default=None,
+    p.add_argument("--max-new-tokens", type=arg(int, 1), default=200, help="tokens to generate")
+    p.add_argument("--temperature", type=arg(float, 0), default=0.8, help="0 = always the likeliest")
+    p.add_argument("--top-k", type=arg(int, 1), default=200, help="sample among the k likeliest tokens")
+    p.add_argument("--top-p", type=arg(float, 0, 1, lo_open=True), default=None,
                    help="sample among the likeliest tokens holding this probability")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
-    p.add_argument("--batch-size", type=int, default=8, help="samples generated together")
-    p.add_argument("--seed", type=int, default=None, help="makes the samples repeatable")
+    p.add_argument("--num-samples", type=arg(int, 1), default=1, help="samples per prompt")
+    p.add_argument("--batch-size", type=arg(int, 1), default=8, help="samples generated together")
+    p.add_argument("--seed", type=arg(int, 0, 2**63 - 1), default=None, help="makes the samples repeatable")
     p.add_argument("--stop", action="append", help="end a sample before this string (repeatable)")
     p.add_argument("--ignore-eot", action="store_true",
                    help="keep generating past the end-of-text token")
@@ -264,17 +274,17 @@ def _add_eval(sub) -> None:
     p.add_argument("--data-root", default=None, help="where datasets/ lives (default ./data)")
     p.add_argument("--split", default="val", choices=["val", "all"],
                    help="evaluate the validation split (default) or every document of the source")
-    p.add_argument("--eval-tokens", type=int, default=None,
+    p.add_argument("--eval-tokens", type=arg(int, 0), default=None,
                    help="tokens to score (default: the run's training.eval_tokens; 0 = all)")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass")
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's)")
+    p.add_argument("--batch-size", type=arg(int, 1), default=None, help="windows per forward pass")
+    p.add_argument("--seq-len", type=arg(int, 1), default=None, help="window length (default: the run's)")
     p.add_argument("--no-loss", action="store_true", help="skip the loss / bits-per-byte part")
     hs = p.add_mutually_exclusive_group()
     hs.add_argument("--hellaswag", action="store_true",
                     help="run HellaSwag, downloading the validation file once if needed")
     hs.add_argument("--no-hellaswag", action="store_true", help="skip HellaSwag even if cached")
     p.add_argument("--hellaswag-file", default=None, help="a local hellaswag_val.jsonl")
-    p.add_argument("--hellaswag-limit", type=int, default=None,
+    p.add_argument("--hellaswag-limit", type=arg(int, 1), default=None,
                    help="score only the first N examples (the full set is 10,042)")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -292,7 +302,8 @@ def _add_export(sub) -> None:
                    "a .gguf file for --to gguf (llama.cpp, Ollama: see docs/gguf.md)")
     p.add_argument("--to", required=True, choices=["hf", "safetensors", "gguf"],
                    help="output format")
-    p.add_argument("--force", action="store_true", help="--to gguf: overwrite an existing OUT")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing OUT (or write into a non-empty OUT_DIR)")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES),
                    help="weight precision of the export (default float32, as trained)")
     p.set_defaults(fn=cmd_export)
@@ -312,7 +323,7 @@ def _add_plot(sub) -> None:
     p.add_argument("--x", default="tokens", choices=list(X_AXES),
                    help="x axis: tokens seen (default; lines up runs with different batch "
                         "sizes), optimizer step, or training time")
-    p.add_argument("--smooth", type=float, default=0.0,
+    p.add_argument("--smooth", type=arg(float, 0, 1, hi_open=True), default=0.0,
                    help="centred smoothing of the training loss, 0 to 0.99, as strong as an EMA "
                         "of that factor but without its lag; the raw curve stays faint behind "
                         "(default 0)")
@@ -321,6 +332,7 @@ def _add_plot(sub) -> None:
     p.add_argument("--title", default=None, help="figure title (default: the run names)")
     p.add_argument("--data-root", default=None,
                    help="where run names are looked up (default ./data)")
+    p.add_argument("--force", action="store_true", help="replace an existing -o file")
     p.set_defaults(fn=cmd_plot)
 
 
@@ -330,7 +342,7 @@ def _add_cost(sub) -> None:
     p = sub.add_parser("cost", help="estimate GPU-hours and dollars of a config on Modal")
     _config_args(p)
     p.add_argument("--gpu", default=None, help="GPU to price instead of modal.gpu, e.g. H100:8")
-    p.add_argument("--mfu", type=float, default=None,
+    p.add_argument("--mfu", type=arg(float, 0, 1, lo_open=True), default=None,
                    help=f"model FLOPs utilisation to assume (default {ASSUMED_MFU})")
     p.add_argument("--metrics", default=None,
                    help="a run's metrics.jsonl (or run folder): use the MFU it measured")
@@ -362,8 +374,15 @@ def _add_serve(sub) -> None:
     p.set_defaults(fn=cmd_serve)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are one `error:` line (naming the command and `--help`)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="slm", description="Train your own small GPT.")
+    ap = _Parser(prog="slm", description="Train your own small GPT.")
     sub = ap.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_sample, _add_eval, _add_export, _add_plot, _add_cost, _add_serve):
         add(sub)
@@ -376,7 +395,10 @@ _ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCE
 
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
-    args, extra = ap.parse_known_args(argv)
+    try:
+        args, extra = ap.parse_known_args(argv)
+    except SystemExit as e:  # --help (0) or a usage mistake (2), already printed
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.fn(args, extra) or 0
     except Interrupted as e:

@@ -17,8 +17,13 @@ DEFAULT_DATA_ROOT = "data"
 
 
 def data_root(arg: str | Path | None = None) -> Path:
-    """--data-root, else $SLM_DATA_ROOT, else ./data."""
-    return Path(arg or os.environ.get("SLM_DATA_ROOT") or DEFAULT_DATA_ROOT)
+    """--data-root, else $SLM_DATA_ROOT, else ./data: a folder (or a new path) on real storage."""
+    from src.validate import is_system, writable_folder
+
+    root = Path(arg or os.environ.get("SLM_DATA_ROOT") or DEFAULT_DATA_ROOT)
+    if root.is_dir() and not is_system(root):
+        return root
+    return writable_folder(root, "--data-root")
 
 
 @dataclass(frozen=True)

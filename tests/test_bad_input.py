@@ -149,7 +149,7 @@ CASES = [
     ("sample: weights that do not fit", lambda e: ["sample", e[B] / "edited.pt"],
      ["edited.pt: its weights do not fit", "transformer.wte.weight"]),
     ("sample: a folder", lambda e: ["sample", e["root"] / "checkpoints"],
-     ["checkpoints does not exist"]),
+     ["checkpoints is a folder", "final.pt"]),
     # --- checkpoints given to `slm train --resume`
     ("resume: another model shape",
      lambda e: _train(e, "--resume", e["final"], "--name", "shape", **{"model.n_layer": 3}),

@@ -93,10 +93,14 @@ def test_sigkill_then_rerun_equals_uninterrupted_run(corpus, tmp_path):
 def test_resume_never_moves_the_old_run_aside(fast_cfg, tmp_path):
     cfg = fast_cfg(**{"training.max_steps": 4})
     train(cfg, data_root=tmp_path, use_wandb=False, log=lambda *a: None)
+    first_model = (tmp_path / "models/tiny_final.pt").read_bytes()
     msgs = []
     train(cfg, data_root=tmp_path, use_wandb=False, resume="never", log=msgs.append)
     olds = list((tmp_path / "checkpoints").glob("tiny.old-*"))
     assert len(olds) == 1 and (olds[0] / "final.pt").is_file()
+    # the old run's finished model is kept beside it, not replaced by the new one
+    assert (olds[0] / "tiny_final.pt").read_bytes() == first_model
+    assert (tmp_path / "models/tiny_final.pt").is_file()
     assert any("moved the old run" in m for m in msgs)
     assert not any("resumed" in m for m in msgs)
 

@@ -25,6 +25,7 @@ stays bounded whatever the corpus size: nothing holds more than a few batches of
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -61,6 +62,14 @@ class Dataset:
     val: list[Path] = field(default_factory=list)
 
 
+def _as_val(fn, *args):
+    """fn(data.val_source, ...), its errors naming data.val_source (sources says data.source)."""
+    try:
+        return fn(*args)
+    except SLMError as e:
+        raise SLMError(str(e).replace("data.source", "data.val_source", 1)) from None
+
+
 def dataset_key(data_cfg) -> dict:
     d = data_cfg
     key = {
@@ -68,7 +77,7 @@ def dataset_key(data_cfg) -> dict:
         "source": d.source,
         "source_fp": sources.fingerprint(d.source),
         "val_source": d.val_source,
-        "val_fp": sources.fingerprint(d.val_source) if d.val_source else None,
+        "val_fp": _as_val(sources.fingerprint, d.val_source) if d.val_source else None,
         "val_fraction": d.val_fraction,
         "tokenizer": d.tokenizer,
         "text_field": d.text_field,
@@ -88,13 +97,20 @@ def dataset_dir(data_cfg, data_root: str | Path) -> Path:
     return Path(data_root) / "datasets" / f"{slug}-{tok}-{h}"
 
 
-def num_workers(data_cfg) -> int:
-    if data_cfg.num_workers:
-        return data_cfg.num_workers
+def _cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # macOS
         return os.cpu_count() or 1
+
+
+def num_workers(data_cfg, log=None) -> int:
+    """data.num_workers (0: one per core), never more processes than cores."""
+    cores = _cores()
+    if data_cfg.num_workers and data_cfg.num_workers > cores and log:
+        log(f"note: data.num_workers {data_cfg.num_workers} is more than this machine's {cores} "
+            f"cores; using {cores}")
+    return min(data_cfg.num_workers or cores, cores)
 
 
 def _read_json(path: Path) -> dict:
@@ -256,7 +272,7 @@ def make_parts(d, data_root: str | Path, log=print) -> tuple[list[dict], dict, d
     groups, info = sources.resolve(d.source, data_root, d.split, log)
     vinfo = None
     if d.val_source:
-        vgroups, vinfo = sources.resolve(d.val_source, data_root, _val_split(d), log)
+        vgroups, vinfo = _as_val(sources.resolve, d.val_source, data_root, _val_split(d), log)
         parts = [{"unit": u, "mode": "train"} for u in _units(groups, d.text_field)]
         parts += [{"unit": u, "mode": "val"} for u in _units(vgroups, d.text_field)]
     else:
@@ -515,9 +531,12 @@ def finalize(cfg, data_root: str | Path, results: list[dict], log=print) -> Data
     if stats["train"]["chars"] == 0:  # (empty documents still count an end-of-text token)
         raise SLMError(f"data.source {d.source}: no text found (the files are empty); "
                        "point data.source at files that hold text")
+    if stats["val"]["tokens"] < 2 and d.val_source:
+        raise SLMError(f"data.val_source {d.val_source}: no text found; point it at files that "
+                       "hold text, or remove it to split data.source instead")
     if stats["val"]["tokens"] < 2:
         raise SLMError(
-            f"data: the validation split of {d.val_source or d.source} is empty; "
+            f"data: the validation split of {d.source} is empty; "
             "set data.val_source or raise data.val_fraction"
         )
     tok = _tokenizer_for(out)
@@ -558,9 +577,34 @@ def prepare(cfg, data_root: str | Path, log=print, progress: bool | None = None)
     out = dataset_dir(cfg.data, data_root)
     if (out / "manifest.json").is_file():
         return load_dataset(out)
+    with _building(out):  # another `slm prepare` of the same data: wait for it, then reuse
+        if (out / "manifest.json").is_file():
+            log(f"{out}: prepared meanwhile by another process; reusing it")
+            return load_dataset(out)
+        return _prepare_locked(cfg, data_root, out, log, progress)
+
+
+@contextlib.contextmanager
+def _building(out: Path):
+    """An exclusive lock on <dataset>.lock (beside the folder) while one process builds it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "a") as f:
+        try:
+            import fcntl
+        except ImportError:  # Windows: no coordination
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare_locked(cfg, data_root, out: Path, log, progress) -> Dataset:
     parts = plan(cfg, data_root, log)
     tok = _tokenizer_for(out)
-    n = num_workers(cfg.data)
+    n = num_workers(cfg.data, log)
     sizes = [p.get("bytes") for p in parts]
     log(f"tokenizing {len(parts)} part(s) with {n} process(es)")
     bar = Progress(progress, None if None in sizes else sum(sizes), log)

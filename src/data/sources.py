@@ -294,7 +294,9 @@ def row_units(group: dict, text_field: str, max_parts: int) -> list[dict]:
 def iter_rows(unit: dict, text_field: str) -> Iterator[str]:
     label = unit.get("label", unit["files"][0])
     it = iter(open_rows(unit, text_field))
+    n = 0
     while True:
+        n += 1
         try:
             row = next(it)
         except StopIteration:
@@ -318,8 +320,12 @@ def iter_rows(unit: dict, text_field: str) -> Iterator[str]:
                     f"data.source {label}: a row has no '{text_field}' field (it has: "
                     f"{', '.join(row)}); set data.text_field"
                 )
-            continue
-        yield text if isinstance(text, str) else str(text)
+        if not isinstance(text, str):  # never trained as "None" or "123", never dropped unseen
+            what = "missing or null" if text is None else f"a {type(text).__name__}, not text"
+            raise SLMError(
+                f"data.source {label}: row {n}'s '{text_field}' is {what}; give every row a "
+                f"string '{text_field}' (or set data.text_field to the field that holds the text)")
+        yield text
 
 
 def _brief(e: Exception) -> str:

@@ -22,6 +22,38 @@ def memory_estimate_gb(model: GPT, cfg, world: int = 1) -> dict:
             "total_gb": (states + act) / 2**30}
 
 
+def device_memory_gb(device) -> float | None:
+    """All the memory of the device a run trains on (GPU memory, or the machine's RAM)."""
+    import os
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[1] / 2**30
+    if dev.type == "cpu":
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+        except (ValueError, OSError, AttributeError):
+            return None
+    return None
+
+
+def check_memory(cfg, device, world: int = 1) -> None:
+    """Refuse a model that cannot fit in the device's memory, before anything is allocated."""
+    from src.errors import SLMError
+
+    if cfg.model.vocab_size is None:
+        cfg = cfg.model_copy(deep=True)
+        cfg.model.vocab_size = 256
+    with torch.device("meta"):
+        model = GPT(cfg.model)
+    need, have = memory_estimate_gb(model, cfg, world)["total_gb"], device_memory_gb(device)
+    if have is not None and need > have:
+        raise SLMError(
+            f"this run needs about {need:,.1f} GB but {device} has {have:,.1f} GB; make the model "
+            "smaller (model.n_layer / n_embd / vocab_size), lower training.batch_size, or pass "
+            "--ignore-memory to try anyway")
+
+
 def describe(cfg, device: str = "auto") -> str:
     vocab_note = ""
     if cfg.model.vocab_size is None:  # char tokenizer: known after preparation

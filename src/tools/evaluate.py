@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 
 from src import hardware as hw
-from src import paths
+from src import paths, validate
 from src.checkpoint import load_model
 from src.errors import SLMError
 from src.eval import hellaswag as hs
@@ -61,7 +61,8 @@ def _loss_part(model, tok, cfg, root, split, eval_tokens, batch_size, seq_len, a
         data_cfg = DataConfig.model_validate(raw)
     except Exception as e:
         raise SLMError(f"data overrides: {e}") from None
-    seq_len = min(seq_len or cfg.seq_len, cfg.model.block_size)
+    seq_len = validate.number("--seq-len", seq_len or min(cfg.seq_len, cfg.model.block_size),
+                              1, cfg.model.block_size)
     want = cfg.training.eval_tokens if eval_tokens is None else eval_tokens
     want = None if want == 0 else max(want, seq_len)
     tokens = run_val_tokens(data_cfg, tok, root, want) if split == "val" else None

@@ -17,7 +17,10 @@ JSON file beside them (same name, .json) with the run's config and tokenizer; `s
 `slm eval` read the pair directly.
 
 --to gguf writes one file for llama.cpp and Ollama (weights, tokenizer; src/tools/gguf.py and
-docs/gguf.md); it refuses to replace an existing file unless --force. Needs the `gguf` package.
+docs/gguf.md).
+
+Every form refuses to replace what is already there (an existing file, or a non-empty folder
+for --to hf) unless --force. Needs the `gguf` package.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from src.checkpoint import load_model, save_safetensors
+from src import validate
+from src.checkpoint import load_model, safetensors_target, save_safetensors
 from src.data.tokenizer import EOT, tokenizers_object
 from src.errors import SLMError
 from src.model.hf import hf_config, to_hf
@@ -41,6 +45,12 @@ def export(checkpoint, out, to: str, dtype: str = "float32", force: bool = False
         raise SLMError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     if to not in ("hf", "safetensors", "gguf"):
         raise SLMError(f"--to {to}: use hf, safetensors or gguf")
+    if to == "hf":  # every target is checked before the model is read
+        validate.empty_folder(out, "export folder", force)
+    elif to == "gguf":
+        validate.new_file(out, "export target", force)
+    else:
+        safetensors_target(out, force)
     model, tok, config = load_model(checkpoint, "cpu")
     if to == "hf":
         out = export_hf(model, tok, out, DTYPES[dtype])
@@ -92,6 +102,9 @@ def export_hf(model, tok, out_dir, dtype=torch.float32) -> Path:
     tc = out / "tokenizer_config.json"  # the class name every transformers version knows
     tc.write_text(json.dumps({**json.loads(tc.read_text()),
                               "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    for f in out.iterdir():
+        if f.is_file():
+            validate.user_mode(f)
     return out
 
 

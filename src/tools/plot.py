@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from src import paths
+from src import paths, validate
 from src.errors import SLMError
 from src.training.metrics import read_metrics
 
@@ -150,12 +150,25 @@ def tokens_per_step(rows: list[dict]) -> int | None:
     return None
 
 
+def _check_output(out: Path, force: bool) -> None:
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix.lstrip(".").lower() not in kinds and not out.is_dir():
+        raise SLMError(f"-o {out}: give an image file name ending in .png, .svg or .pdf "
+                       f"(or another of: {', '.join(sorted(kinds))})")
+    validate.new_file(out, "-o", force)
+
+
 def plot(runs: list[str], output: str | Path | None = None, x: str = "tokens",
          smooth: float = 0.0, title: str | None = None, data_root=None, logy: bool = False,
-         log=print) -> Path:
-    """`slm plot`: draw runs (folders, metrics.jsonl files or run names) into one image."""
-    if not 0 <= smooth < 1:
-        raise SLMError(f"--smooth {smooth}: use a value from 0 (none) to 0.99")
+         log=print, force: bool = False) -> Path:
+    """`slm plot`: draw runs (folders, metrics.jsonl files or run names) into one image.
+
+    An existing `output` is replaced only with force (the default <run>/metrics.png always is)."""
+    validate.number("--smooth", smooth, 0, 1, hi_open=True)
+    if output is not None:
+        _check_output(Path(output), force)
     root = paths.data_root(data_root)
     files = [find_metrics(r, root) for r in runs]
     if x == "step" and len(files) > 1:

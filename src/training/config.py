@@ -24,6 +24,7 @@ from src.model.gpt import GPTConfig
 
 # Vocab sizes of the fixed tokenizers (including the end-of-text token).
 FIXED_VOCAB = {"gpt2": 50257, "bytes": 257}
+MAX_NAME = 120  # run names name folders and files (<name>_final.pt, <name>.old-<time>)
 
 
 class _Section(BaseModel):
@@ -163,6 +164,9 @@ class Config(_Section):
     def _name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
             raise ValueError("use letters, digits, '.', '_' and '-' (it names folders)")
+        if len(v) > MAX_NAME:
+            raise ValueError(f"{len(v)} characters; use at most {MAX_NAME} (it names folders "
+                             "and files)")
         return v
 
     @property
@@ -290,6 +294,25 @@ def validate_config(raw: dict, source: str = "config") -> Config:
     return cfg
 
 
+class _Duplicate(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                line = key_node.start_mark.line + 1
+                raise _Duplicate(f"{key!r} is given twice (again at line {line}); "
+                                  "keep one and merge their settings")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -297,7 +320,7 @@ def read_yaml(path: str | Path) -> dict:
         extra = f"; shipped configs: {', '.join('configs/' + s for s in shipped)}" if shipped else ""
         raise SLMError(f"config file not found: {path}{extra}")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -305,6 +328,10 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not valid YAML{where}: {what}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
+    except _Duplicate as e:
+        raise ConfigError(f"{path}: {e}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: the config is empty; copy one of configs/*.yaml and edit it")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected sections (model:, data:, training:, ...) at top level")
     raw.setdefault("name", p.stem)

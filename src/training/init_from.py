@@ -14,8 +14,6 @@ import json
 import os
 from pathlib import Path
 
-import torch
-
 from src import checkpoint as ckpt
 from src.errors import SLMError
 from src.model.gpt import SHAPE_KEYS, GPTConfig
@@ -46,12 +44,7 @@ def read_hf_folder(path: str | Path, weights: bool = True) -> tuple[dict, dict]:
         raise SLMError(f"{path}: no model.safetensors or pytorch_model.bin in the folder")
     sd = {}
     for f in files:
-        if f.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            sd |= load_file(f)
-        else:
-            sd |= torch.load(f, map_location="cpu", weights_only=True)
+        sd |= ckpt.load_tensors(f)
     return config, sd
 
 

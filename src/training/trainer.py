@@ -110,13 +110,32 @@ def _launch(cfg, layout, device, resume, use_wandb, on_checkpoint, log, cost_per
     finally:
         if lock:
             lock.release()
+            _drop_if_empty(layout.run_dir)  # a run that failed before training leaves nothing
         dist.teardown()
+
+
+def _check_prompt(prompt: str, tok) -> None:
+    """training.sample_prompt must encode with the run's tokenizer: checked before training."""
+    try:
+        tok.encode(prompt)
+    except SLMError as e:
+        raise SLMError(f"training.sample_prompt {prompt!r}: {e}; change the prompt (or set it "
+                       "to '') so that the samples after training can be made") from None
+
+
+def _drop_if_empty(run_dir: Path) -> None:
+    try:
+        if all(p.name == ".lock" for p in run_dir.iterdir()):
+            (run_dir / ".lock").unlink(missing_ok=True)
+            run_dir.rmdir()
+    except OSError:  # something arrived meanwhile: keep it
+        pass
 
 
 def _take_lock(layout: RunLayout, resume: str, say) -> RunLock:
     lock = RunLock(layout.lock)
     if resume == "never":
-        moved = ckpt.move_aside(layout.run_dir)  # only while we hold the run's lock
+        moved = ckpt.move_aside(layout.run_dir, (layout.model_final, layout.model_best))
         if moved:
             lock, old = RunLock(layout.lock), lock
             old.release()
@@ -201,6 +220,7 @@ class Trainer:
 
     def build(self, state, state_path) -> None:
         self.ds, self.tok = self._data(state, state_path)
+        _check_prompt(self.t.sample_prompt, self.tok)
         self.model, init_sd = self._model(state, state_path)
         self._precision()
         self.wrapped = dist.wrap_model(self.model, self.ctx, self._fsdp_dtype())
