@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+import torch
 from conftest import ROOT
 
 MUON_WITHOUT_DYNAMO = """
@@ -30,3 +32,44 @@ def test_muon_optimizer_never_imports_dynamo():
     r = subprocess.run([sys.executable, "-c", MUON_WITHOUT_DYNAMO], cwd=ROOT, capture_output=True,
                        text=True, check=True)
     assert r.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_lr_is_the_token_embeddings_own_undecayed_group(optimizer, tied):
+    from src.model.gpt import GPT
+    from src.training.config import load_config
+    from src.training.optim import build_optimizer, set_lr
+
+    keys = [f"training.optimizer={optimizer}", f"model.tie_embeddings={tied}",
+            "data.vocab_size=300", "model.n_layer=1"]
+    plain = load_config(ROOT / "configs/tiny.yaml", keys)
+    cfg = load_config(ROOT / "configs/tiny.yaml", keys + ["training.embedding_lr=0.05"])
+    model = GPT(cfg.model)
+    before = build_optimizer(model, plain.training, "cpu").param_groups
+    groups = build_optimizer(model, cfg.training, "cpu").param_groups
+    wte = model.transformer.wte.weight
+    own = [g for g in groups if any(p is wte for p in g["params"])]
+    assert len(own) == 1 and own[0]["params"] == [wte]
+    assert own[0]["lr"] == 0.05 and own[0]["weight_decay"] == 0.0
+    assert groups[-1] is own[0]  # appended: the other groups keep their order
+    was = [g for g in before if any(p is wte for p in g["params"])][0]  # unset: as before
+    assert was["lr"] == cfg.training.learning_rate and was["weight_decay"] == 0.1
+    assert len(before) == len(groups) - (not tied or optimizer == "adamw")
+    opt = build_optimizer(model, cfg.training, "cpu")
+    set_lr(opt, 0.5)  # the schedule scales it like every other group
+    assert opt.param_groups[-1]["lr"] == 0.025
+
+
+def test_embedding_lr_resumes_exactly(fast_cfg, tmp_path):
+    from src import checkpoint as ckpt
+    from src.training.trainer import train
+
+    cfg = fast_cfg(**{"training.max_steps": 8, "training.optimizer": "muon",
+                      "training.embedding_lr": 0.05, "model.tie_embeddings": False})
+    train(cfg, data_root=tmp_path / "a", use_wandb=False, log=lambda *a: None)
+    train(cfg, data_root=tmp_path / "b", use_wandb=False, log=lambda *a: None,
+          resume=str(tmp_path / "a/checkpoints/tiny/step_4.pt"))
+    wa, wb = (ckpt.load(tmp_path / r / "checkpoints/tiny/final.pt")["model_state_dict"]
+              for r in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
