@@ -1,4 +1,5 @@
-"""The CPU recipe's pieces: start-up that skips torch._dynamo, and the tiny config's options."""
+"""The CPU recipe's pieces: start-up that skips torch._dynamo, the token embedding's own learning
+rate, and a shipped tiny that still exports exactly (transformers and GGUF)."""
 
 from __future__ import annotations
 
@@ -73,3 +74,43 @@ def test_embedding_lr_resumes_exactly(fast_cfg, tmp_path):
     wa, wb = (ckpt.load(tmp_path / r / "checkpoints/tiny/final.pt")["model_state_dict"]
               for r in "ab")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _tiny_architecture(**shape) -> dict:
+    """configs/tiny.yaml's model options (not its size): what must export exactly."""
+    from src.training.config import read_yaml
+
+    m = read_yaml(ROOT / "configs/tiny.yaml")["model"]
+    keep = ("pos_emb", "norm", "qk_norm", "mlp", "bias", "tie_embeddings", "mlp_ratio")
+    return {**{k: m[k] for k in keep if k in m}, **shape}
+
+
+def test_the_shipped_tiny_exports_exactly_to_transformers(tmp_path):
+    pytest.importorskip("transformers")
+    from tests.test_export import hf_logits, ours, save_checkpoint
+
+    from src.data.tokenizer import ByteTokenizer
+    from src.tools.export import export_hf
+
+    model = save_checkpoint(tmp_path / "m.pt", ByteTokenizer(), **_tiny_architecture())
+    export_hf(model, ByteTokenizer(), tmp_path / "hf")
+    ids = torch.randint(0, 257, (2, 32))
+    got, name = hf_logits(tmp_path / "hf", ids)
+    assert name == "Qwen3ForCausalLM"
+    torch.testing.assert_close(got, ours(model, ids))
+
+
+def test_the_shipped_tiny_exports_exactly_to_gguf(tmp_path):
+    pytest.importorskip("gguf")
+    from tests.test_export import make_tokenizer, ours, save_checkpoint
+    from tests.test_gguf import load_gguf, logits
+
+    from src.tools.gguf import export_gguf
+
+    tok = make_tokenizer("bpe")  # transformers' GGUF reader wants Qwen3's head size, 128
+    model = save_checkpoint(tmp_path / "m.pt", tok, **_tiny_architecture(n_embd=256))
+    export_gguf(model, tok, tmp_path / "m.gguf")
+    hf, _ = load_gguf(tmp_path / "m.gguf")
+    ids = torch.tensor([tok.encode("def main(x):\n    return x")])
+    assert type(hf).__name__ == "Qwen3ForCausalLM"
+    torch.testing.assert_close(logits(hf, ids), ours(model, ids), atol=1e-4, rtol=0)
