@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from src.training.optim import embedding_group, is_token_embedding
+from src.training.groups import embedding_group, is_token_embedding
 
 # Quintic Newton-Schulz coefficients chosen to push singular values towards 1 quickly.
 _NS = (3.4445, -4.7750, 2.0315)

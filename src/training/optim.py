@@ -15,16 +15,7 @@ import math
 
 import torch
 
-
-def is_token_embedding(name: str) -> bool:
-    """The token embedding's parameter (with tied embeddings, also the output head)."""
-    return name.endswith("transformer.wte.weight")
-
-
-def embedding_group(params: list, t) -> list[dict]:
-    """training.embedding_lr: the token embedding's own group, not decayed (appended last, so
-    the other groups, and checkpoints written without it, keep their order)."""
-    return [{"params": params, "lr": t.embedding_lr, "weight_decay": 0.0}] if params else []
+from src.training.groups import embedding_group, is_token_embedding
 
 
 def param_groups(model: torch.nn.Module, t) -> list[dict]:
