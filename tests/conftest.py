@@ -38,7 +38,9 @@ FAST = {
     "model.mlp": "gelu",
     "model.qk_norm": False,
     "model.bias": True,
+    "model.tie_embeddings": True,
     "training.optimizer": "adamw",
+    "training.embedding_lr": None,
     "training.learning_rate": 3e-3,
 }
 

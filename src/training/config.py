@@ -76,6 +76,10 @@ class TrainingConfig(_Section):
     )
     optimizer: Literal["adamw", "muon"] = Field("adamw", description="muon: Muon for matrices")
     muon_lr: float = Field(0.02, gt=0, description="muon: learning rate of the matrix weights")
+    embedding_lr: float | None = Field(
+        None, gt=0, description="peak lr of the token embedding, in its own AdamW group without "
+        "weight decay (empty = learning_rate, decayed like the other matrices)"
+    )
     weight_decay: float = Field(
         0.1, ge=0, description="AdamW decay of matrices (biases, norms and Muon's matrices: none)"
     )

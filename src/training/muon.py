@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from src.training.groups import embedding_group, is_token_embedding
+
 # Quintic Newton-Schulz coefficients chosen to push singular values towards 1 quickly.
 _NS = (3.4445, -4.7750, 2.0315)
 
@@ -32,14 +34,24 @@ def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
+    # torch.optim.Optimizer wraps these in torch._disable_dynamo, whose first call imports
+    # torch._dynamo (over a second of start-up on a CPU). This optimizer is never traced by
+    # torch.compile, so it calls the plain methods.
+    add_param_group = torch.optim.Optimizer.add_param_group.__wrapped__
+    zero_grad = torch.optim.Optimizer.zero_grad.__wrapped__
+    state_dict = torch.optim.Optimizer.state_dict.__wrapped__
+    load_state_dict = torch.optim.Optimizer.load_state_dict.__wrapped__
+
     def __init__(self, model: torch.nn.Module, t):
-        muon, chunks, adam_decay, adam_plain = [], {}, [], []
+        muon, chunks, adam_decay, adam_plain, emb = [], {}, [], [], []
         for name, p in model.named_parameters():
             if not p.requires_grad:
                 continue
             if p.dim() == 2 and ".h." in f".{name}" and "wte" not in name and "wpe" not in name:
                 muon.append(p)
                 chunks[p] = 3 if name.endswith("attn.c_attn.weight") else 1  # q, k, v apart
+            elif t.embedding_lr is not None and is_token_embedding(name):
+                emb.append(p)
             elif p.dim() >= 2:
                 adam_decay.append(p)
             else:
@@ -59,7 +71,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 "weight_decay": t.weight_decay,
             },
             {"params": adam_plain, "kind": "adamw", "lr": t.learning_rate, "weight_decay": 0.0},
-        ]
+        ] + [{**g, "kind": "adamw"} for g in embedding_group(emb, t)]
         super().__init__(
             [g for g in groups if g["params"]], {"betas": (t.beta1, t.beta2), "eps": 1e-8}
         )

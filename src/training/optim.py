@@ -1,7 +1,8 @@
 """Optimizers and the learning-rate schedule.
 
 AdamW with two groups: matrices (weights of linear layers and embeddings) decay, vectors (biases,
-norm gains) do not. The schedule is a function of run progress p in [0, 1], which is the largest
+norm gains) do not; `training.embedding_lr` gives the token embedding a third group with its own
+learning rate and no decay. The schedule is a function of run progress p in [0, 1], which is the largest
 of step/max_steps, tokens/max_tokens and seconds/max_seconds, so it ends exactly at whichever
 budget is set: warmup over `warmup_steps`, then cosine, linear or warmup-stable-decay to
 min_lr_ratio * peak.
@@ -14,26 +15,31 @@ import math
 
 import torch
 
+from src.training.groups import embedding_group, is_token_embedding
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if p.requires_grad:
+
+def param_groups(model: torch.nn.Module, t) -> list[dict]:
+    decay, no_decay, emb = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if t.embedding_lr is not None and is_token_embedding(name):
+            emb.append(p)
+        else:
             (decay if p.dim() >= 2 else no_decay).append(p)
     return [
-        {"params": decay, "weight_decay": weight_decay},
+        {"params": decay, "weight_decay": t.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
-    ]
+    ] + embedding_group(emb, t)
 
 
 def build_optimizer(model: torch.nn.Module, t, device_type: str) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA), or Muon for hidden matrices plus AdamW for the rest."""
-    groups = param_groups(model, t.weight_decay)
     if t.optimizer == "muon":
         from src.training.muon import MuonWithAdamW
 
         return MuonWithAdamW(model, t)
-    kw = {}
+    groups, kw = param_groups(model, t), {}
     if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters:
         kw["fused"] = True
     return torch.optim.AdamW(groups, lr=t.learning_rate, betas=(t.beta1, t.beta2), eps=1e-8, **kw)
