@@ -87,10 +87,9 @@ def _tiny_architecture(**shape) -> dict:
 
 def test_the_shipped_tiny_exports_exactly_to_transformers(tmp_path):
     pytest.importorskip("transformers")
-    from tests.test_export import hf_logits, ours, save_checkpoint
-
     from src.data.tokenizer import ByteTokenizer
     from src.tools.export import export_hf
+    from tests.test_export import hf_logits, ours, save_checkpoint
 
     model = save_checkpoint(tmp_path / "m.pt", ByteTokenizer(), **_tiny_architecture())
     export_hf(model, ByteTokenizer(), tmp_path / "hf")
@@ -102,10 +101,9 @@ def test_the_shipped_tiny_exports_exactly_to_transformers(tmp_path):
 
 def test_the_shipped_tiny_exports_exactly_to_gguf(tmp_path):
     pytest.importorskip("gguf")
+    from src.tools.gguf import export_gguf
     from tests.test_export import make_tokenizer, ours, save_checkpoint
     from tests.test_gguf import load_gguf, logits
-
-    from src.tools.gguf import export_gguf
 
     tok = make_tokenizer("bpe")  # transformers' GGUF reader wants Qwen3's head size, 128
     model = save_checkpoint(tmp_path / "m.pt", tok, **_tiny_architecture(n_embd=256))
