@@ -44,7 +44,7 @@ def test_embedding_lr_is_the_token_embeddings_own_undecayed_group(optimizer, tie
 
     keys = [f"training.optimizer={optimizer}", f"model.tie_embeddings={tied}",
             "data.vocab_size=300", "model.n_layer=1"]
-    plain = load_config(ROOT / "configs/tiny.yaml", keys)
+    plain = load_config(ROOT / "configs/tiny.yaml", keys + ["training.embedding_lr=null"])
     cfg = load_config(ROOT / "configs/tiny.yaml", keys + ["training.embedding_lr=0.05"])
     model = GPT(cfg.model)
     before = build_optimizer(model, plain.training, "cpu").param_groups
