@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 
 from src.checkpoint import load_model, save_safetensors
-from src.data.tokenizer import EOT, tokenizers_object
+from src.data.chat import CHAT_TEMPLATE
+from src.data.tokenizer import CHAT_TOKENS, EOT, tokenizers_object
 from src.errors import SLMError
 from src.model.hf import hf_config, to_hf
 
@@ -92,6 +93,10 @@ def export_hf(model, tok, out_dir, dtype=torch.float32) -> Path:
     tc = out / "tokenizer_config.json"  # the class name every transformers version knows
     tc.write_text(json.dumps({**json.loads(tc.read_text()),
                               "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    gc = out / "generation_config.json"
+    if tok.chat_ids is not None and gc.is_file():  # a chat reply ends at <|im_end|>
+        g = json.loads(gc.read_text())
+        gc.write_text(json.dumps({**g, "eos_token_id": [tok.eot_id, tok.chat_ids[1]]}, indent=2))
     return out
 
 
@@ -102,6 +107,9 @@ def hf_tokenizer(tok, block_size: int):
         raise SLMError(f"tokenizer export: {EOT} has id {obj.token_to_id(EOT)}, the model uses "
                        f"{tok.eot_id}; please report this")
     tf = _transformers()
+    chat = {}
+    if tok.chat_ids is not None:  # a chat model: its template, and replies end at <|im_end|>
+        chat = {"chat_template": CHAT_TEMPLATE, "additional_special_tokens": list(CHAT_TOKENS)}
     return tf.PreTrainedTokenizerFast(
         tokenizer_object=obj, bos_token=EOT, eos_token=EOT, pad_token=EOT, unk_token=None,
-        model_max_length=block_size, clean_up_tokenization_spaces=False)
+        model_max_length=block_size, clean_up_tokenization_spaces=False, **chat)
