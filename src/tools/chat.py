@@ -70,13 +70,14 @@ class Chat:
         fresh = not self.cached
         if fresh:  # the conversation so far (the system message after a reset) opens the cache
             new = render(self.tok, self.messages)[0] + new
-        if len(self.cached) + len(new) + self.max_new <= self.size:
+        need = min(self.max_new, self.size // 4)  # room a reply must have at least
+        if len(self.cached) + len(new) + need <= self.size:
             return new
         new = new[len(render(self.tok, self.messages)[0]):] if fresh else new
         dropped = 0
         while True:
             ids = render(self.tok, self.messages)[0] + new
-            if len(ids) + self.max_new <= self.size:
+            if len(ids) + need <= self.size:
                 break
             i = next((k for k, m in enumerate(self.messages) if m["role"] != "system"), None)
             if i is None:
@@ -95,7 +96,7 @@ class Chat:
         new = turn(self.tok, "user", text)[0] + generation_prompt(self.tok)
         logits = self._feed(self._fit(new))
         out, shown = [], 0
-        for _ in range(self.max_new):
+        for _ in range(min(self.max_new, self.size - len(self.cached))):
             t = int(sample_next(logits, self.temperature, self.top_k or None, self.top_p,
                                 self.gen))
             if t in self.stops:
@@ -187,7 +188,10 @@ def run(checkpoint, device="auto", system=None, temperature=0.7, top_k=50, top_p
             continue
         if interactive:
             print("model> ", end="", file=out, flush=True)
-        chat.reply(line, lambda s: print(s, end="", file=out, flush=True))
+        try:
+            chat.reply(line, lambda s: print(s, end="", file=out, flush=True))
+        except SLMError as e:  # a message longer than the context: say so, keep chatting
+            say(f"error: {e}")
         print(file=out, flush=True)
 
 
