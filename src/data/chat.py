@@ -204,22 +204,20 @@ def dataset_dir(cfg, data_root, tok) -> Path:
     return Path(data_root) / "datasets" / f"chat-{slug}-{tok.kind}-{h}"
 
 
-def prepare_chat(cfg, data_root, tok, log=print):
-    """The chat dataset of cfg.data for tokenizer tok (tokenized and packed once, then reused)."""
-    from src.data.prepare import Dataset
-
+def prepare_chat(cfg, data_root, tok, log=print) -> dict:
+    """The chat dataset of cfg.data for tokenizer tok (tokenized and packed once, then reused),
+    as src.data.prepare.Dataset's fields."""
     tok = toklib.with_chat(tok)
     out = dataset_dir(cfg, data_root, tok)
     if not (out / "manifest.json").is_file():
         _build(cfg, out, tok, log)
     manifest = json.loads((out / "manifest.json").read_text())
-    ds = Dataset(out, toklib.load(out / "tokenizer.json"), manifest)
     for split in ("train", "val"):
-        getattr(ds, split).append(out / f"{split}.bin")
-        open_shard(out / f"{split}.bin", tok.id)
+        open_shard(out / f"{split}.bin", tok.id)  # checks headers, sizes and the tokenizer now
         open_shard(out / f"{split}_mask.bin", tok.id)
-    ds.masks = {"train": [out / "train_mask.bin"], "val": [out / "val_mask.bin"]}
-    return ds
+    return {"dir": out, "tokenizer": toklib.load(out / "tokenizer.json"), "manifest": manifest,
+            "train": [out / "train.bin"], "val": [out / "val.bin"],
+            "masks": {"train": [out / "train_mask.bin"], "val": [out / "val_mask.bin"]}}
 
 
 def _build(cfg, out: Path, tok, log) -> None:

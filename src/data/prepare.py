@@ -561,7 +561,7 @@ def prepare(cfg, data_root: str | Path, log=print, progress: bool | None = None,
     if cfg.data.format == "chat":
         from src.data.chat import prepare_chat, source_tokenizer
 
-        return prepare_chat(cfg, data_root, tokenizer or source_tokenizer(cfg), log)
+        return Dataset(**prepare_chat(cfg, data_root, tokenizer or source_tokenizer(cfg), log))
     out = dataset_dir(cfg.data, data_root)
     if (out / "manifest.json").is_file():
         return load_dataset(out)
