@@ -94,7 +94,7 @@ def export_hf(model, tok, out_dir, dtype=torch.float32) -> Path:
     tc.write_text(json.dumps({**json.loads(tc.read_text()),
                               "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
     gc = out / "generation_config.json"
-    if tok.chat_ids is not None and gc.is_file():  # a chat reply ends at <|im_end|>
+    if getattr(tok, "chat_ids", None) is not None and gc.is_file():  # replies end at <|im_end|>
         g = json.loads(gc.read_text())
         gc.write_text(json.dumps({**g, "eos_token_id": [tok.eot_id, tok.chat_ids[1]]}, indent=2))
     return out
@@ -108,7 +108,7 @@ def hf_tokenizer(tok, block_size: int):
                        f"{tok.eot_id}; please report this")
     tf = _transformers()
     chat = {}
-    if tok.chat_ids is not None:  # a chat model: its template, and replies end at <|im_end|>
+    if getattr(tok, "chat_ids", None) is not None:  # a chat model: its template
         chat = {"chat_template": CHAT_TEMPLATE, "additional_special_tokens": list(CHAT_TOKENS)}
     return tf.PreTrainedTokenizerFast(
         tokenizer_object=obj, bos_token=EOT, eos_token=EOT, pad_token=EOT, unk_token=None,

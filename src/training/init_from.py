@@ -168,7 +168,8 @@ def resolve_init(cfg, tok, load_weights: bool = True, log=print, root=None) -> d
         raise SLMError(f"model.init_from {src!r}: not one of {', '.join(GPT2_SIZES)} nor an "
                        "existing path (a Hugging Face model folder or an slm checkpoint)")
 
-    grow = tok.chat and shape["vocab_size"] == tok.vocab_size - 2  # chat tokens appended
+    # chat tokens appended to a bytes/char/gpt2 vocab: the embedding grows
+    grow = getattr(tok, "chat", False) and shape["vocab_size"] == tok.vocab_size - 2
     if grow:
         shape = {**shape, "vocab_size": tok.vocab_size}
     if shape["vocab_size"] != tok.vocab_size:
