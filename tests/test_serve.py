@@ -237,7 +237,8 @@ def test_a_chat_model_gets_the_chat_template_through_the_one_format():
     from src.data.tokenizer import with_chat
 
     chat_tok = with_chat(ByteTokenizer())
-    msgs = [api.Message(role="developer", content="be brief"), api.Message(role="user", content="yo")]
+    msgs = [api.Message(role="developer", content="be brief"),
+            api.Message(role="user", content="yo")]
     want = render(chat_tok, [{"role": "system", "content": "be brief"},
                              {"role": "user", "content": "yo"}], add_generation_prompt=True)[0]
     assert api.chat_ids(msgs, chat_tok) == want and want[-1] != chat_tok.chat_ids[1]

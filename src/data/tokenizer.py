@@ -32,7 +32,7 @@ import numpy as np
 from src.errors import SLMError
 
 EOT = "<|endoftext|>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # the chat format's special tokens (src/data/chat.py)
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # the chat format's tokens (src/data/chat.py)
 CHAT_TOKENS = (IM_START, IM_END)
 # tokenizers' ByteLevel(use_regex=True) pre-tokenizer is GPT-2's pattern
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
