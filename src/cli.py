@@ -95,7 +95,12 @@ def cmd_prepare(args, extra) -> int:
     if args.workers is not None:
         extra = [*extra, f"--data.num_workers={args.workers}"]
     cfg = load_cfg(args, extra)
-    ds = prepare(cfg, paths.data_root(args.data_root), progress=args.progress)
+    root, tok = paths.data_root(args.data_root), None
+    if cfg.data.format == "chat" and cfg.model.init_from:  # the fine-tuned model's tokenizer
+        from src.training.init_from import source_tokenizer
+
+        tok = source_tokenizer(cfg.model.init_from, root)
+    ds = prepare(cfg, root, progress=args.progress, tokenizer=tok)
     m = ds.manifest
     print(f"{ds.dir}: {m['train']['tokens']:,} train + {m['val']['tokens']:,} val tokens, "
           f"{len(ds.train)} + {len(ds.val)} shards, {m['tokenizer']['kind']} vocab "

@@ -102,6 +102,8 @@ def source_tokenizer(src: str, root):
     if src in GPT2_SIZES:
         return GPT2Tokenizer()
     path = Path(source_path(src, root)).expanduser()
+    if not path.exists():
+        raise SLMError(_missing(src, root))
     if not path.is_file():
         return None
     if path.suffix == ".safetensors":
@@ -125,6 +127,13 @@ def _read_slm(path: Path, weights: bool) -> tuple[dict, dict | None, str | None]
         except SLMError:  # a bpe without chat tokens; gpt2's files offline
             pass
     return state["config"]["model"], state["model_state_dict"], tid
+
+
+def _missing(src: str, root) -> str:
+    where = f" nor a run with {Path(root) / 'models' / (src + '_final.pt')}" if root else ""
+    return (f"model.init_from {src!r}: not one of {', '.join(GPT2_SIZES)} nor an existing path "
+            f"(a Hugging Face model folder or an slm checkpoint){where}; train that run first "
+            "or fix the name")
 
 
 def grow_vocab(sd: dict, vocab: int) -> dict:
@@ -165,8 +174,7 @@ def resolve_init(cfg, tok, load_weights: bool = True, log=print, root=None) -> d
             raise SLMError(f"model.init_from {src}: that model was trained with another tokenizer "
                            "than this config's data; use the same data.tokenizer and source")
     else:
-        raise SLMError(f"model.init_from {src!r}: not one of {', '.join(GPT2_SIZES)} nor an "
-                       "existing path (a Hugging Face model folder or an slm checkpoint)")
+        raise SLMError(_missing(src, root))
 
     # chat tokens appended to a bytes/char/gpt2 vocab: the embedding grows
     grow = getattr(tok, "chat", False) and shape["vocab_size"] == tok.vocab_size - 2
