@@ -215,3 +215,11 @@ def test_chat_data_mistakes_are_one_line_errors(tmp_path):
         list(chat.conversations(str(tmp_path / "nothing"), 0.1))
     with pytest.raises(SLMError, match="no chat tokens"):
         chat.render(toklib.ByteTokenizer(), CONV)
+
+
+def test_a_hugging_face_dataset_folder_is_read_as_chat(tmp_path):
+    pytest.importorskip("datasets")
+    _chat_file(tmp_path / "train.jsonl", n=20)
+    got = list(chat.conversations(f"hf:{tmp_path}", 0.25))
+    assert len(got) == 20 and 0 < sum(v for _, v in got) < 20
+    assert got[0][0][1] == {"role": "assistant", "content": "okay!"}

@@ -15,7 +15,8 @@ exported Hugging Face template (`CHAT_TEMPLATE`, the same text in Jinja) all fol
 mask is 1 on the assistant's content and the <|im_end|> that closes it, 0 elsewhere.
 
 Sources: JSON lines of {"messages": [{"role", "content"}, ...]} (OpenAI's and Hugging Face's
-format; a file or a folder of .jsonl files), or `python-stdlib`: a chat set generated from the
+format; a file or a folder of .jsonl files), `hf:<repo>[:<subset>]` (a dataset with a
+`messages` column, read with the same code as text sources), or `python-stdlib`: a chat set generated from the
 standard library's sources (src/data/chatset.py). Conversations are packed whole into rows of
 seq_len tokens (padded with end-of-text, masked); one longer than a row is cut after its last
 assistant turn that fits, or dropped when none fits; both are counted in the manifest.
@@ -31,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from src.data import sources
 from src.data import tokenizer as toklib
 from src.data.shards import open_shard, write_shard
 from src.errors import SLMError
@@ -112,12 +114,16 @@ def jsonl_files(source: str) -> list[Path]:
     return files
 
 
-def conversations(source: str, val_fraction: float) -> Iterator[tuple[list[dict], bool]]:
+def conversations(source: str, val_fraction: float, split: str = "train"
+                  ) -> Iterator[tuple[list[dict], bool]]:
     """(messages, is_validation) of every conversation of a chat source, in a fixed order."""
     if source == "python-stdlib":
         from src.data.chatset import stdlib_chats
 
         yield from stdlib_chats()
+        return
+    if sources.is_hub(source):
+        yield from _hub_conversations(source, val_fraction, split)
         return
     for f in jsonl_files(source):
         with open(f, encoding="utf-8") as fh:
@@ -133,12 +139,23 @@ def conversations(source: str, val_fraction: float) -> Iterator[tuple[list[dict]
                 yield msgs, val
 
 
+def _hub_conversations(source: str, val_fraction: float, split: str):
+    """hf:<repo>[:<subset>] rows with a 'messages' column, streamed by `datasets` (as text)."""
+    groups, _ = sources.hub_groups(source, split)
+    for g in groups:
+        for n, row in enumerate(sources.open_rows(g, "messages"), 1):
+            msgs = check(row.get("messages"), f"{source} row {n}")
+            blob = json.dumps(msgs, sort_keys=True).encode()
+            yield msgs, zlib.crc32(blob) % 10_000 < val_fraction * 10_000
+
+
 def fingerprint(source: str) -> str:
     if source == "python-stdlib":
         from src.data.chatset import VERSION
-        from src.data.sources import fingerprint as fp
 
-        return f"{fp(source)}-chatset{VERSION}"
+        return f"{sources.fingerprint(source)}-chatset{VERSION}"
+    if sources.is_hub(source):
+        return sources.fingerprint(source)
     h = hashlib.sha256()
     for f in jsonl_files(source):
         st = f.stat()
@@ -223,7 +240,7 @@ def prepare_chat(cfg, data_root, tok, log=print) -> dict:
 def _build(cfg, out: Path, tok, log) -> None:
     out.mkdir(parents=True, exist_ok=True)
     split = {"train": [], "val": []}
-    for msgs, val in conversations(cfg.data.source, cfg.data.val_fraction):
+    for msgs, val in conversations(cfg.data.source, cfg.data.val_fraction, cfg.data.split):
         split["val" if val else "train"].append(msgs)
     manifest = {"format": FORMAT, "chat": True, "source": cfg.data.source, "seq_len": cfg.seq_len,
                 "tokenizer": {"kind": tok.kind, "id": tok.id, "vocab_size": tok.vocab_size}}
@@ -251,7 +268,8 @@ def source_tokenizer(cfg):
     kind = cfg.data.tokenizer
     if kind in ("bytes", "gpt2"):
         return toklib.from_dict({"kind": kind, "chat": True})
-    texts = [text(m) for m, _ in conversations(cfg.data.source, cfg.data.val_fraction)]
+    texts = [text(m) for m, _ in conversations(cfg.data.source, cfg.data.val_fraction,
+                                                cfg.data.split)]
     if kind == "char":
         return toklib.with_chat(toklib.CharTokenizer.train(texts))
     return toklib.BPETokenizer.train(texts, cfg.data.vocab_size)
