@@ -51,7 +51,9 @@ def export(checkpoint, out, to: str, dtype: str = "float32", force: bool = False
     if to == "gguf":
         from src.tools.gguf import export_gguf
 
-        out = export_gguf(model, tok, out, DTYPES[dtype], force=force, name=config.get("name"))
+        template = CHAT_TEMPLATE if getattr(tok, "chat_ids", None) is not None else None
+        out = export_gguf(model, tok, out, DTYPES[dtype], chat_template=template, force=force,
+                          name=config.get("name"))
         return (f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); run it with llama.cpp:\n"
                 f"  llama-completion -m {out} -no-cnv -p 'Once upon a time' -n 64\n"
                 "or in Ollama (a Modelfile): see docs/gguf.md")
