@@ -109,7 +109,12 @@ def cmd_prepare(args, extra) -> int:
     if args.workers is not None:
         extra = [*extra, f"--data.num_workers={args.workers}"]
     cfg = load_cfg(args, extra)
-    ds = prepare(cfg, paths.data_root(args.data_root), progress=args.progress)
+    root, tok = paths.data_root(args.data_root), None
+    if cfg.data.format == "chat" and cfg.model.init_from:  # the fine-tuned model's tokenizer
+        from src.training.init_from import source_tokenizer
+
+        tok = source_tokenizer(cfg.model.init_from, root)
+    ds = prepare(cfg, root, progress=args.progress, tokenizer=tok)
     m = ds.manifest
     print(f"{ds.dir}: {m['train']['tokens']:,} train + {m['val']['tokens']:,} val tokens, "
           f"{len(ds.train)} + {len(ds.val)} shards, {m['tokenizer']['kind']} vocab "
@@ -126,6 +131,15 @@ def cmd_sample(args, extra) -> int:
                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=args.device,
                   stop=args.stop, batch_size=args.batch_size, stop_at_eot=not args.ignore_eot)
     return 0
+
+
+def cmd_chat(args, extra) -> int:
+    _no_extra("chat", extra)
+    from src.tools.chat import run
+
+    return run(args.checkpoint, device=args.device, system=args.system,
+               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+               max_new_tokens=args.max_new_tokens, seed=args.seed)
 
 
 def cmd_eval(args, extra) -> int:
@@ -265,6 +279,27 @@ def _add_sample(sub) -> None:
     p.set_defaults(fn=cmd_sample)
 
 
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="talk to a chat fine-tuned model in the terminal",
+                       description=_doc("src.tools.chat"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint",
+                   help="a models/<name>_final.pt, step_N.pt or .safetensors export")
+    p.add_argument("--system", default=None, help="system message opening the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="longest reply in tokens (default 256; at most half the context)")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="0 = always the likeliest (default 0.7)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest (default "
+                   "50; 0 = all)")
+    p.add_argument("--top-p", type=float, default=None,
+                   help="sample among the likeliest tokens holding this probability")
+    p.add_argument("--seed", type=int, default=None, help="makes the replies repeatable")
+    p.add_argument("--device", default="auto", choices=DEVICES,
+                   help="auto: cuda, then mps, then cpu (as train)")
+    p.set_defaults(fn=cmd_chat)
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval", help="validation loss, perplexity, bits per byte and HellaSwag of a checkpoint",
@@ -384,7 +419,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="slm", description="Train your own small GPT.")
     sub = ap.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_sample, _add_eval, _add_export, _add_plot, _add_cost, _add_serve):
+    for add in (_add_train, _add_sample, _add_chat, _add_eval, _add_export, _add_plot, _add_cost,
+                _add_serve):
         add(sub)
     return ap
 

@@ -232,14 +232,18 @@ def test_chat_plain_and_streamed(client, live, model_file):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
-def test_a_tokenizer_chat_template_plugs_into_render_chat():
-    class Templated(ByteTokenizer):
-        def render_chat(self, messages):
-            return "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>"
+def test_a_chat_model_gets_the_chat_template_through_the_one_format():
+    from src.data.chat import render
+    from src.data.tokenizer import with_chat
 
-    msgs = [api.Message(role="user", content="yo")]
-    assert api.render_chat(msgs, Templated()) == "<user>yo<assistant>"
-    assert api.chat_format(Templated()) == "template" and api.chat_format(TOK) == "plain"
+    chat_tok = with_chat(ByteTokenizer())
+    msgs = [api.Message(role="developer", content="be brief"),
+            api.Message(role="user", content="yo")]
+    want = render(chat_tok, [{"role": "system", "content": "be brief"},
+                             {"role": "user", "content": "yo"}], add_generation_prompt=True)[0]
+    assert api.chat_ids(msgs, chat_tok) == want and want[-1] != chat_tok.chat_ids[1]
+    assert api.chat_format(chat_tok) == "template" and api.chat_format(TOK) == "plain"
+    assert api.chat_ids(msgs, TOK)[0] == TOK.eot_id  # a base model: plain text after end-of-text
 
 
 def test_concurrent_streams_are_batched_and_each_complete(live, model_file):

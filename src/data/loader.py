@@ -38,9 +38,19 @@ class TokenStream:
         return out[0] if len(out) == 1 else np.concatenate(out)
 
 
+def _masked(buf: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of a (B, T + 1) window; targets where mask is 0 become -1 (no loss: chat data)."""
+    x, y = buf[:, :-1], buf[:, 1:]
+    if mask is not None:
+        y = y.masked_fill(mask[:, 1:] == 0, -1)
+    return x, y
+
+
 class BatchLoader:
-    def __init__(self, paths, tokenizer_id, seq_len, batch_size, seed, rank=0, world_size=1):
+    def __init__(self, paths, tokenizer_id, seq_len, batch_size, seed, rank=0, world_size=1,
+                 masks=None):
         self.stream = TokenStream(paths, tokenizer_id)
+        self.masks = TokenStream(masks, tokenizer_id) if masks else None
         self.T, self.B, self.seed = seq_len, batch_size, seed
         self.rank, self.world = rank, world_size
         self.n_windows = (self.stream.n_tokens - 1) // seq_len
@@ -62,14 +72,19 @@ class BatchLoader:
     def next_batch(self, device="cpu"):
         """(x, y) of shape (B, T) for this rank; advances the shared position."""
         first = self.position + self.rank * self.B
-        rows = [self.stream.read(self._window(k) * self.T, self.T + 1)
-                for k in range(first, first + self.B)]
+        starts = [self._window(k) * self.T for k in range(first, first + self.B)]
         self.position += self.B * self.world
-        buf = torch.from_numpy(np.stack(rows).astype(np.int64))
+        buf = torch.from_numpy(np.stack([self.stream.read(s, self.T + 1) for s in starts])
+                               .astype(np.int64))
+        if self.masks is not None:
+            m = np.stack([self.masks.read(s, self.T + 1) for s in starts]).astype(np.int64)
+            buf = torch.cat([buf, torch.from_numpy(m)])  # one transfer for both
         if device != "cpu" and torch.device(device).type == "cuda":
             buf = buf.pin_memory().to(device, non_blocking=True)
         elif device != "cpu":
             buf = buf.to(device)
+        if self.masks is not None:
+            return _masked(buf[: self.B], buf[self.B :])
         return buf[:, :-1], buf[:, 1:]
 
     def state_dict(self) -> dict:
@@ -85,16 +100,23 @@ class BatchLoader:
         self.position = int(s["position"])
 
 
-def val_batches(paths, tokenizer_id, seq_len, batch_size, max_tokens, rank=0, world_size=1):
-    """Fixed validation windows (the first max_tokens of the split), this rank's share."""
+def val_batches(paths, tokenizer_id, seq_len, batch_size, max_tokens, rank=0, world_size=1,
+                masks=None):
+    """Fixed validation windows (the first max_tokens of the split), this rank's share; with
+    masks (chat data) only the assistant's tokens are scored."""
     stream = TokenStream(paths, tokenizer_id)
+    ms = TokenStream(masks, tokenizer_id) if masks else None
     n = min((stream.n_tokens - 1) // seq_len, max(1, max_tokens // seq_len))
     if n < 1:  # a short split: one window of what there is
-        t = stream.read(0, stream.n_tokens).astype(np.int64)
-        yield torch.from_numpy(t[None, :-1]), torch.from_numpy(t[None, 1:])
+        t = torch.from_numpy(stream.read(0, stream.n_tokens).astype(np.int64)[None])
+        m = ms and torch.from_numpy(ms.read(0, stream.n_tokens).astype(np.int64)[None])
+        yield _masked(t, m)
         return
     mine = list(range(rank, n, world_size))
     for i in range(0, len(mine), batch_size):
-        rows = [stream.read(k * seq_len, seq_len + 1) for k in mine[i : i + batch_size]]
-        buf = torch.from_numpy(np.stack(rows).astype(np.int64))
-        yield buf[:, :-1], buf[:, 1:]
+        ks = mine[i : i + batch_size]
+        buf = torch.from_numpy(np.stack([stream.read(k * seq_len, seq_len + 1) for k in ks])
+                               .astype(np.int64))
+        m = ms and torch.from_numpy(np.stack([ms.read(k * seq_len, seq_len + 1) for k in ks])
+                                    .astype(np.int64))
+        yield _masked(buf, m)

@@ -60,6 +60,7 @@ class Dataset:
     manifest: dict
     train: list[Path] = field(default_factory=list)
     val: list[Path] = field(default_factory=list)
+    masks: dict | None = None  # chat data: {"train": [...], "val": [...]} loss-mask shards
 
 
 def _as_val(fn, *args):
@@ -570,10 +571,16 @@ def finalize(cfg, data_root: str | Path, results: list[dict], log=print) -> Data
     return load_dataset(out)
 
 
-def prepare(cfg, data_root: str | Path, log=print, progress: bool | None = None) -> Dataset:
+def prepare(cfg, data_root: str | Path, log=print, progress: bool | None = None,
+            tokenizer=None) -> Dataset:
     """Return the dataset for cfg.data, tokenizing it first (or finishing it) if needed.
 
-    progress: a tqdm bar (None: when stderr is a terminal)."""
+    progress: a tqdm bar (None: when stderr is a terminal). tokenizer: data.format chat only,
+    the tokenizer of the model being fine-tuned (else one is built for the chat set)."""
+    if cfg.data.format == "chat":
+        from src.data.chat import prepare_chat, source_tokenizer
+
+        return Dataset(**prepare_chat(cfg, data_root, tokenizer or source_tokenizer(cfg), log))
     out = dataset_dir(cfg.data, data_root)
     if (out / "manifest.json").is_file():
         return load_dataset(out)

@@ -32,6 +32,8 @@ import numpy as np
 from src.errors import SLMError
 
 EOT = "<|endoftext|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # the chat format's tokens (src/data/chat.py)
+CHAT_TOKENS = (IM_START, IM_END)
 # tokenizers' ByteLevel(use_regex=True) pre-tokenizer is GPT-2's pattern
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 # this is the same pattern as tiktoken writes it for GPT-2 (possessive quantifiers: the same
@@ -58,6 +60,15 @@ class Tokenizer:
     vocab_size: int
     eot_id: int
     engine = "slm"  # what encodes the text: slm's own code, tiktoken or tokenizers
+    chat = False  # bytes/char/gpt2: whether the two chat tokens follow the base vocab
+
+    @property
+    def chat_ids(self) -> tuple[int, int] | None:
+        """(id of <|im_start|>, id of <|im_end|>), or None for a tokenizer without chat tokens
+        (a bpe trained before slm reserved them). Encoding text never produces them."""
+        if not self.chat:
+            return None
+        return self.vocab_size - 2, self.vocab_size - 1
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -114,6 +125,9 @@ def _write(path: Path, text: str) -> None:
 class ByteTokenizer(Tokenizer):
     kind, vocab_size, eot_id = "bytes", 257, 256
 
+    def __init__(self, chat: bool = False):
+        self.chat, self.vocab_size = chat, 259 if chat else 257
+
     def encode(self, text):
         return list(clean(text).encode("utf-8"))
 
@@ -121,20 +135,20 @@ class ByteTokenizer(Tokenizer):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
     def to_dict(self):
-        return {"kind": "bytes"}
+        return {"kind": "bytes"} | ({"chat": True} if self.chat else {})
 
     def token_bytes(self):
-        return np.array([1] * 256 + [0], dtype=np.int64)
+        return np.array([1] * 256 + [0] * (self.vocab_size - 256), dtype=np.int64)
 
 
 class CharTokenizer(Tokenizer):
     kind = "char"
 
-    def __init__(self, chars: str):
-        self.chars = chars
+    def __init__(self, chars: str, chat: bool = False):
+        self.chars, self.chat = chars, chat
         self.stoi = {c: i for i, c in enumerate(chars)}
         self.eot_id = len(chars)
-        self.vocab_size = len(chars) + 1
+        self.vocab_size = len(chars) + (3 if chat else 1)
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> CharTokenizer:
@@ -154,10 +168,11 @@ class CharTokenizer(Tokenizer):
         return "".join(self.chars[i] for i in ids if i < len(self.chars))
 
     def to_dict(self):
-        return {"kind": "char", "chars": self.chars}
+        return {"kind": "char", "chars": self.chars} | ({"chat": True} if self.chat else {})
 
     def token_bytes(self):
-        return np.array([len(c.encode("utf-8")) for c in self.chars] + [0], dtype=np.int64)
+        n = self.vocab_size - len(self.chars)
+        return np.array([len(c.encode("utf-8")) for c in self.chars] + [0] * n, dtype=np.int64)
 
 
 class BPETokenizer(Tokenizer):
@@ -173,6 +188,11 @@ class BPETokenizer(Tokenizer):
         self.eot_id = tok.token_to_id(EOT)
         self._fast = None  # the tiktoken encoding, built on first use (False: not usable)
 
+    @property
+    def chat_ids(self):
+        ids = tuple(self.tok.token_to_id(t) for t in CHAT_TOKENS)
+        return None if None in ids else ids
+
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
@@ -183,7 +203,7 @@ class BPETokenizer(Tokenizer):
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size,
-            special_tokens=[EOT],
+            special_tokens=[EOT, *CHAT_TOKENS],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
@@ -250,7 +270,7 @@ class BPETokenizer(Tokenizer):
         # byte-level tokens are spelled in a 256-symbol alphabet: one symbol per byte
         out = np.zeros(self.vocab_size, dtype=np.int64)
         for s, i in self.tok.get_vocab().items():
-            out[i] = 0 if s == EOT else len(s)
+            out[i] = 0 if s in (EOT, *CHAT_TOKENS) else len(s)
         return out
 
 
@@ -264,7 +284,8 @@ class GPT2Tokenizer(Tokenizer):
 
     kind, vocab_size, eot_id, engine = "gpt2", 50257, 50256, "tiktoken"
 
-    def __init__(self):
+    def __init__(self, chat: bool = False):
+        self.chat, self.vocab_size = chat, 50259 if chat else 50257
         try:
             import tiktoken
 
@@ -286,15 +307,14 @@ class GPT2Tokenizer(Tokenizer):
         return [self.enc.encode_ordinary(clean(t)) for t in texts]
 
     def decode(self, ids):
-        return self.enc.decode([int(i) for i in ids if i != self.eot_id])
+        return self.enc.decode([int(i) for i in ids if i < self.eot_id])
 
     def to_dict(self):
-        return {"kind": "gpt2"}
+        return {"kind": "gpt2"} | ({"chat": True} if self.chat else {})
 
     def token_bytes(self):
-        out = np.array(
-            [len(self.enc.decode_single_token_bytes(i)) for i in range(self.vocab_size - 1)] + [0]
-        )
+        out = np.array([len(self.enc.decode_single_token_bytes(i)) for i in range(self.eot_id)]
+                       + [0] * (self.vocab_size - self.eot_id))
         return out.astype(np.int64)
 
 
@@ -407,7 +427,10 @@ def tokenizers_object(tok: Tokenizer):
     if tok.kind == "bpe":
         return HFTokenizer.from_str(tok.tok.to_str())
     if tok.kind == "gpt2":
-        return tiktoken_to_tokenizers(tok.enc)
+        hf = tiktoken_to_tokenizers(tok.enc)
+        if tok.chat:
+            hf.add_special_tokens([AddedToken(t, special=True) for t in CHAT_TOKENS])
+        return hf
     if tok.kind == "bytes":  # one token per byte, ids = byte values: BPE without merges
         b2u = bytes_to_unicode()
         hf = HFTokenizer(models.BPE(vocab={b2u[b]: b for b in range(256)} | {EOT: 256}, merges=[]))
@@ -421,7 +444,8 @@ def tokenizers_object(tok: Tokenizer):
         hf.decoder = decoders.Fuse()
     else:
         raise SLMError(f"tokenizer kind {tok.kind!r} cannot be exported")
-    hf.add_special_tokens([AddedToken(EOT, special=True)])
+    hf.add_special_tokens([AddedToken(EOT, special=True)]
+                          + [AddedToken(t, special=True) for t in CHAT_TOKENS if tok.chat])
     return hf
 
 
@@ -431,14 +455,15 @@ def tokenizers_object(tok: Tokenizer):
 def from_dict(d: dict, where: str = "tokenizer record") -> Tokenizer:
     kind = d.get("kind") if isinstance(d, dict) else None
     try:
+        chat = bool(d.get("chat"))
         if kind == "bytes":
-            return ByteTokenizer()
+            return ByteTokenizer(chat)
         if kind == "char":
-            return CharTokenizer(d["chars"])
+            return CharTokenizer(d["chars"], chat)
         if kind == "bpe":
             return BPETokenizer.from_json(d["json"])
         if kind == "gpt2":
-            return GPT2Tokenizer()
+            return GPT2Tokenizer(chat)
     except SLMError:
         raise
     except Exception as e:  # KeyError, TypeError, the tokenizers library's own errors
@@ -447,6 +472,18 @@ def from_dict(d: dict, where: str = "tokenizer record") -> Tokenizer:
             "altered or not written by slm"
         ) from None
     raise SLMError(f"{where}: unknown tokenizer record (kind={kind!r}); was it written by slm?")
+
+
+def with_chat(tok: Tokenizer) -> Tokenizer:
+    """tok with the chat tokens: itself when it has them; bytes, char and gpt2 get them after
+    their vocab (the model's embedding grows to match, src/training/init_from.py). A bpe trained
+    without them cannot take them: it is retrained."""
+    if tok.chat_ids is not None:
+        return tok
+    if tok.kind == "bpe":
+        raise SLMError("this bpe tokenizer was trained before slm reserved the chat tokens "
+                       f"{IM_START} and {IM_END}; pretrain again (a fresh data root) to get them")
+    return from_dict(tok.to_dict() | {"chat": True})
 
 
 def meta_path(path: str | Path) -> Path:

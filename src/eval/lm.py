@@ -92,10 +92,10 @@ def evaluate(model, batches, token_bytes, autocast=None, reduce=None, lockstep=N
         with ctx():
             logits, _ = model(x)
         lp = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1),
-                             reduction="none")
+                             reduction="none", ignore_index=-1)  # -1: not scored (chat data)
         nats += lp.double().sum()
-        ntok += y.numel()
-        nbytes += tb[y].double().sum()
+        ntok += (y >= 0).sum()
+        nbytes += tb[y.clamp(min=0)].double().mul(y >= 0).sum()
     if reduce is not None:
         for t in (nats, nbytes, ntok):
             reduce(t)

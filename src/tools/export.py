@@ -32,7 +32,8 @@ import torch
 
 from src import validate
 from src.checkpoint import load_model, safetensors_target, save_safetensors
-from src.data.tokenizer import EOT, tokenizers_object
+from src.data.chat import CHAT_TEMPLATE
+from src.data.tokenizer import CHAT_TOKENS, EOT, tokenizers_object
 from src.errors import SLMError
 from src.model.hf import hf_config, to_hf
 
@@ -60,7 +61,9 @@ def export(checkpoint, out, to: str, dtype: str = "float32", force: bool = False
     if to == "gguf":
         from src.tools.gguf import export_gguf
 
-        out = export_gguf(model, tok, out, DTYPES[dtype], force=force, name=config.get("name"))
+        template = CHAT_TEMPLATE if getattr(tok, "chat_ids", None) is not None else None
+        out = export_gguf(model, tok, out, DTYPES[dtype], chat_template=template, force=force,
+                          name=config.get("name"))
         return (f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB); run it with llama.cpp:\n"
                 f"  llama-completion -m {out} -no-cnv -p 'Once upon a time' -n 64\n"
                 "or in Ollama (a Modelfile): see docs/gguf.md")
@@ -102,6 +105,10 @@ def export_hf(model, tok, out_dir, dtype=torch.float32) -> Path:
     tc = out / "tokenizer_config.json"  # the class name every transformers version knows
     tc.write_text(json.dumps({**json.loads(tc.read_text()),
                               "tokenizer_class": "PreTrainedTokenizerFast"}, indent=2))
+    gc = out / "generation_config.json"
+    if getattr(tok, "chat_ids", None) is not None and gc.is_file():  # replies end at <|im_end|>
+        g = json.loads(gc.read_text())
+        gc.write_text(json.dumps({**g, "eos_token_id": [tok.eot_id, tok.chat_ids[1]]}, indent=2))
     for f in out.iterdir():
         if f.is_file():
             validate.user_mode(f)
@@ -115,6 +122,9 @@ def hf_tokenizer(tok, block_size: int):
         raise SLMError(f"tokenizer export: {EOT} has id {obj.token_to_id(EOT)}, the model uses "
                        f"{tok.eot_id}; please report this")
     tf = _transformers()
+    chat = {}
+    if getattr(tok, "chat_ids", None) is not None:  # a chat model: its template
+        chat = {"chat_template": CHAT_TEMPLATE, "additional_special_tokens": list(CHAT_TOKENS)}
     return tf.PreTrainedTokenizerFast(
         tokenizer_object=obj, bos_token=EOT, eos_token=EOT, pad_token=EOT, unk_token=None,
-        model_max_length=block_size, clean_up_tokenization_spaces=False)
+        model_max_length=block_size, clean_up_tokenization_spaces=False, **chat)

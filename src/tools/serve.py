@@ -189,8 +189,7 @@ class Server:
         self._check_model(req.model)
         if not req.messages:
             raise APIError(400, "messages: give at least one message", param="messages")
-        text = api.render_chat(req.messages, self.tok)
-        ids = [await run_in_threadpool(lambda: [self.tok.eot_id, *self.tok.encode(text)])]
+        ids = [await run_in_threadpool(lambda: api.chat_ids(req.messages, self.tok))]
         plain = self.chat_format == "plain"
         stop = api.stops(req) + (api.PLAIN_STOPS if plain else ())
         room = max(self.block_size - len(ids[0]), 1)

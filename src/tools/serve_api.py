@@ -18,9 +18,10 @@ Chat on a base model: `render_chat` writes the conversation as plain text,
 
     Assistant:
 
-and the reply ends at the model's end-of-text token or a new "\\nUser:" line. A tokenizer that
-brings its own chat template (a `render_chat(messages)` method, coming with chat fine-tuning)
-renders instead, through the same function.
+and the reply ends at the model's end-of-text token or a new "\\nUser:" line. A chat fine-tuned
+model (its tokenizer has the chat tokens) gets its own template instead: `chat_ids` renders the
+messages with src/data/chat.py's `render`, the one place the chat format lives, and the reply
+ends at <|im_end|>.
 """
 
 from __future__ import annotations
@@ -124,19 +125,30 @@ def parse(cls: type[BaseModel], data: dict):
     return req
 
 
+CHAT_ROLES = {"system": "system", "developer": "system", "user": "user",
+              "assistant": "assistant", "tool": "user"}
+
+
 def render_chat(messages: list[Message], tok) -> str:
-    """The prompt text for a conversation: the tokenizer's own chat template when it has one,
-    else the plain "User: ... / Assistant:" rendering of the module docstring."""
-    template = getattr(tok, "render_chat", None)
-    if callable(template):
-        return template([{"role": m.role, "content": m.text} for m in messages])
+    """The plain "User: ... / Assistant:" prompt text of the module docstring (base models)."""
     turns = [f"{PLAIN_ROLES[m.role]}: {m.text}" for m in messages]
     return "\n\n".join([*turns, "Assistant:"])
 
 
+def chat_ids(messages: list[Message], tok) -> list[int]:
+    """The prompt's token ids: the chat template (src/data/chat.py) on a chat model, else the
+    plain rendering after an end-of-text token."""
+    if chat_format(tok) == "plain":
+        return [tok.eot_id, *tok.encode(render_chat(messages, tok))]
+    from src.data.chat import render
+
+    msgs = [{"role": CHAT_ROLES[m.role], "content": m.text} for m in messages]
+    return render(tok, msgs, add_generation_prompt=True)[0]
+
+
 def chat_format(tok) -> str:
-    """'template' when the tokenizer renders chats itself, else 'plain' (a base model)."""
-    return "template" if callable(getattr(tok, "render_chat", None)) else "plain"
+    """'template' when the tokenizer has the chat tokens (a chat model), else 'plain'."""
+    return "plain" if getattr(tok, "chat_ids", None) is None else "template"
 
 
 def stops(req: _Common) -> tuple[str, ...]:

@@ -314,7 +314,7 @@ class Engine:
         p = row.job.params
         row.sampled += 1
         finish = None
-        if t == self.tok.eot_id and not p.ignore_eos:
+        if (t == self.tok.eot_id or t in (getattr(self.tok, "chat_ids", None) or ())) and not p.ignore_eos:
             finish = "stop"
         else:
             row.ids.append(t)

@@ -36,6 +36,10 @@ class DataConfig(_Section):
         "python-stdlib",
         description="python-stdlib (embedded), a preset name, a file/folder, a URL, or hf:<repo>",
     )
+    format: Literal["text", "chat"] = Field(
+        "text", description="text (pretraining) or chat: {messages: [...]} JSON lines, loss on "
+        "the assistant's tokens only (python-stdlib: the embedded chat set; docs/chat.md)"
+    )
     val_source: str | None = Field(None, description="separate validation text (else a split)")
     val_fraction: float = Field(0.05, gt=0, lt=1, description="share of documents for validation")
     tokenizer: Literal["bpe", "bytes", "char", "gpt2"] = Field(

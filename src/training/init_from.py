@@ -4,6 +4,11 @@
       init_from: gpt2            # gpt2 | gpt2-medium | gpt2-large | gpt2-xl (from the hub, cached)
       init_from: path/to/folder  # a transformers model folder (save_pretrained)
       init_from: path/to/x.pt    # an slm checkpoint, model file or .safetensors export
+      init_from: tiny            # a run name: <data_root>/models/tiny_final.pt
+
+Chat fine-tuning (data.format: chat) adds the chat tokens to a bytes, char or gpt2 tokenizer that
+lacks them; the source's embedding (and output layer) then grows by their rows, initialised to the
+mean of the others.
 
 The source fixes the model's shape; the name maps between layouts are src/model/hf.py's.
 """
@@ -13,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+import torch
 
 from src import checkpoint as ckpt
 from src.errors import SLMError
@@ -74,23 +81,75 @@ def _gpt2_config(name: str) -> dict:
             "n_positions": 1024, "vocab_size": 50257}
 
 
+def source_path(src: str, root) -> str:
+    """model.init_from with a run name resolved to <root>/models/<name>_final.pt (when that file
+    exists and src is not itself a path)."""
+    if src in GPT2_SIZES or Path(src).expanduser().exists() or root is None:
+        return src
+    final = Path(root) / "models" / f"{src}_final.pt"
+    return str(final) if final.is_file() else src
+
+
+def source_tokenizer(src: str, root):
+    """The tokenizer of an slm model named by model.init_from (None for other sources)."""
+    from src.data.tokenizer import GPT2Tokenizer, from_dict
+
+    if src in GPT2_SIZES:
+        return GPT2Tokenizer()
+    path = Path(source_path(src, root)).expanduser()
+    if not path.exists():
+        raise SLMError(_missing(src, root))
+    if not path.is_file():
+        return None
+    if path.suffix == ".safetensors":
+        return ckpt.read_safetensors(path, False)[2]
+    state = ckpt.load(path)
+    return from_dict(state["tokenizer"], str(path)) if "tokenizer" in state else None
+
+
 def _read_slm(path: Path, weights: bool) -> tuple[dict, dict | None, str | None]:
     """(model config, state dict, tokenizer id) of an slm checkpoint or safetensors export."""
     if path.suffix == ".safetensors":
         cfg, sd, tok = ckpt.read_safetensors(path, weights)
         return cfg["model"], sd, tok.id
     state = ckpt.load(path)
-    return state["config"]["model"], state["model_state_dict"], state.get("tokenizer_id")
+    tid = state.get("tokenizer_id")
+    if "tokenizer" in state:  # a chat tokenizer built on this one is the same tokenizer
+        from src.data.tokenizer import from_dict, with_chat
+
+        try:
+            tid = [tid, with_chat(from_dict(state["tokenizer"])).id]
+        except SLMError:  # a bpe without chat tokens; gpt2's files offline
+            pass
+    return state["config"]["model"], state["model_state_dict"], tid
 
 
-def resolve_init(cfg, tok, load_weights: bool = True, log=print) -> dict | None:
+def _missing(src: str, root) -> str:
+    where = f" nor a run with {Path(root) / 'models' / (src + '_final.pt')}" if root else ""
+    return (f"model.init_from {src!r}: not one of {', '.join(GPT2_SIZES)} nor an existing path "
+            f"(a Hugging Face model folder or an slm checkpoint){where}; train that run first "
+            "or fix the name")
+
+
+def grow_vocab(sd: dict, vocab: int) -> dict:
+    """Embedding (and untied output) rows added up to vocab, set to the mean of the others."""
+    out = dict(sd)
+    for k in ("transformer.wte.weight", "lm_head.weight"):
+        if k in out and out[k].shape[0] < vocab:
+            w = out[k]
+            extra = w.mean(0, keepdim=True).expand(vocab - w.shape[0], -1)
+            out[k] = torch.cat([w, extra])
+    return out
+
+
+def resolve_init(cfg, tok, load_weights: bool = True, log=print, root=None) -> dict | None:
     """Apply `model.init_from` to cfg.model (its shape keys) and return the weights to load.
 
     The source fixes the model's shape: keys the config leaves out are taken from it, keys it
     sets must agree (block_size may be smaller: positions are cropped). Its vocab must be the
     tokenizer's. load_weights=False only sets the shape (resuming: the checkpoint has weights).
     """
-    src, m = cfg.model.init_from, cfg.model
+    src, m = source_path(cfg.model.init_from, root), cfg.model
     slm_sd, slm_tok = None, None
     if src in GPT2_SIZES:
         if tok.kind != "gpt2":
@@ -105,13 +164,17 @@ def resolve_init(cfg, tok, load_weights: bool = True, log=print) -> dict | None:
     elif Path(src).expanduser().is_file():
         mc, slm_sd, slm_tok = _read_slm(Path(src).expanduser(), load_weights)
         shape = {k: mc[k] for k in SHAPE_KEYS}
-        if slm_tok not in (None, tok.id):
+        if slm_tok is not None and tok.id not in (slm_tok if isinstance(slm_tok, list)
+                                                  else [slm_tok]):
             raise SLMError(f"model.init_from {src}: that model was trained with another tokenizer "
                            "than this config's data; use the same data.tokenizer and source")
     else:
-        raise SLMError(f"model.init_from {src!r}: not one of {', '.join(GPT2_SIZES)} nor an "
-                       "existing path (a Hugging Face model folder or an slm checkpoint)")
+        raise SLMError(_missing(src, root))
 
+    # chat tokens appended to a bytes/char/gpt2 vocab: the embedding grows
+    grow = getattr(tok, "chat", False) and shape["vocab_size"] == tok.vocab_size - 2
+    if grow:
+        shape = {**shape, "vocab_size": tok.vocab_size}
     if shape["vocab_size"] != tok.vocab_size:
         raise SLMError(f"model.init_from {src}: its vocab has {shape['vocab_size']} tokens, this "
                        f"config's {tok.kind} tokenizer {tok.vocab_size}; use the tokenizer the "
@@ -142,9 +205,12 @@ def resolve_init(cfg, tok, load_weights: bool = True, log=print) -> dict | None:
     if not load_weights:
         return None
     log(f"model.init_from {src}: {m.n_layer} layers, {m.n_embd} wide, vocab {m.vocab_size}")
+    if grow:
+        slm_sd = grow_vocab(slm_sd, m.padded_vocab) if slm_sd is not None else None
     if slm_sd is not None:
         if m.block_size < shape["block_size"] and "transformer.wpe.weight" in slm_sd:
             slm_sd = {**slm_sd, "transformer.wpe.weight": slm_sd["transformer.wpe.weight"][
                 : m.block_size]}
         return slm_sd
-    return from_hf(hf_sd, m)
+    sd = from_hf(hf_sd, m)
+    return grow_vocab(sd, m.padded_vocab) if grow else sd

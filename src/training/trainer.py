@@ -226,7 +226,8 @@ class Trainer:
         self.wrapped = dist.wrap_model(self.model, self.ctx, self._fsdp_dtype())
         self.optimizer = build_optimizer(self.model, self.t, self.dev.type)
         self.loader = BatchLoader(self.ds.train, self.tok.id, self.cfg.seq_len, self.t.batch_size,
-                                  self.t.seed, self.ctx.rank, self.world)
+                                  self.t.seed, self.ctx.rank, self.world,
+                                  masks=self.ds.masks and self.ds.masks["train"])
         if state is not None:
             self._restore(state, state_path)
         self.step_model = self._compiled(self.wrapped)
@@ -243,16 +244,20 @@ class Trainer:
 
     def _data(self, state, state_path):
         """Rank 0 tokenizes; the others wait, then read the same shards."""
-        cfg = self.cfg
+        cfg, tok = self.cfg, None
+        if cfg.data.format == "chat" and cfg.model.init_from:  # the fine-tuned model's tokenizer
+            from src.training.init_from import source_tokenizer
+
+            tok = source_tokenizer(cfg.model.init_from, self.layout.root)
         if self.master:
-            ds = prepare(cfg, self.layout.root, log=self.say)
+            ds = prepare(cfg, self.layout.root, log=self.say, tokenizer=tok)
         dist.barrier(long=True)
         if not self.master:
-            ds = prepare(cfg, self.layout.root, log=lambda *a: None)
+            ds = prepare(cfg, self.layout.root, log=lambda *a: None, tokenizer=tok)
         tok = ds.tokenizer
         if cfg.model.vocab_size is None:
             cfg.model.vocab_size = tok.vocab_size
-        elif cfg.model.vocab_size < tok.vocab_size:
+        elif cfg.model.vocab_size < tok.vocab_size and not cfg.model.init_from:
             raise SLMError(
                 f"model.vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's "
                 f"{tok.vocab_size} tokens; remove model.vocab_size or raise it"
@@ -266,7 +271,8 @@ class Trainer:
         if self.cfg.model.init_from:  # fine-tuning: the source sets the shape (also resuming)
             from src.training.init_from import resolve_init
 
-            init_sd = resolve_init(self.cfg, self.tok, load_weights=state is None, log=self.say)
+            init_sd = resolve_init(self.cfg, self.tok, load_weights=state is None, log=self.say,
+                                   root=self.layout.root)
         if state is not None:
             _check_compatible(self.cfg, state, self.tok.id, state_path)
             _check_global_batch(self.cfg, state, self.world, state_path)
@@ -568,7 +574,8 @@ class Trainer:
     def log_eval(self, samples: bool) -> None:
         s, cfg = self.s, self.cfg
         batches = val_batches(self.ds.val, self.tok.id, cfg.seq_len, self.t.batch_size,
-                              self.t.eval_tokens, self.ctx.rank, self.world)
+                              self.t.eval_tokens, self.ctx.rank, self.world,
+                              masks=self.ds.masks and self.ds.masks["val"])
         sharded = self.ctx.sharded
         self.last_val = evaluate(
             self.model, batches, self.token_bytes, self.autocast,
