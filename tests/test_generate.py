@@ -47,7 +47,7 @@ def test_cache_prefill_then_steps_matches_full_forward():
     model = tiny_model()
     idx = torch.randint(0, 61, (2, 10))
     full, _ = model(idx)
-    cache = KVCache(model.cfg, 2, 10, "cpu", torch.float32)
+    cache = KVCache(model.cfg, 2, 10, "cpu")
     pre, _ = model(idx[:, :4], cache=cache)  # prefill 4
     chunk, _ = model(idx[:, 4:7], cache=cache)  # a chunk of 3 over the cache
     steps = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(7, 10)]  # one at a time
@@ -56,6 +56,16 @@ def test_cache_prefill_then_steps_matches_full_forward():
     assert cache.pos == 10
     with pytest.raises(ValueError, match="KV cache holds 10"):
         model(idx[:, :1], cache=cache)
+
+
+def test_generation_under_autocast_with_float32_weights():
+    """An FSDP run's end: float32 weights (the resharded shard) and bf16 activations. The cache
+    takes the keys' dtype, so attention never mixes bf16 queries with float32 keys."""
+    model = tiny_model()
+    idx = torch.randint(0, 61, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = run(model, idx, 6, temperature=0)
+    assert out.shape == (2, 6)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -163,3 +173,13 @@ def test_slm_sample_cli(tmp_path, capsys):
     assert capsys.readouterr().out.count("--- sample") == 4
     assert main(["sample", str(tmp_path / "missing.pt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_the_cache_takes_the_dtype_of_the_keys():
+    """FSDP's final samples: the weights reported float32 (a resharded shard) while the keys
+    were bf16; a cache made in the weights' dtype made attention mix the two and crash."""
+    model = tiny_model()
+    cache = KVCache(model.cfg, 1, 8, "cpu")
+    k = torch.randn(1, model.cfg.n_head, 3, model.cfg.head_dim, dtype=torch.bfloat16)
+    keys, values = cache.update(0, k, k)
+    assert keys.dtype == values.dtype == torch.bfloat16 and torch.equal(keys, k)

@@ -116,17 +116,23 @@ class KVCache:
     model advances it after each forward).
     """
 
-    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype):
-        shape = (cfg.n_layer, 2, batch, cfg.n_head, max_len, cfg.head_dim)
-        self.kv = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device):
+        self.shape = (cfg.n_layer, 2, batch, cfg.n_head, max_len, cfg.head_dim)
+        self.device = device
+        self.kv: torch.Tensor | None = None  # allocated at the first keys, in their dtype
         self.pos = 0  # tokens already cached
         self.max_len = max_len
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, H, T, D) after the cached positions; return all keys and values so far."""
+        """Store k, v (B, H, T, D) after the cached positions; return all keys and values so far.
+
+        The cache takes its dtype from the keys (under autocast they are bf16/fp16 while the
+        weights, e.g. an FSDP shard after the final checkpoint, may be float32)."""
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, {end} were asked for")
+        if self.kv is None:
+            self.kv = torch.zeros(self.shape, device=self.device, dtype=k.dtype)
         self.kv[layer, 0, :, :, self.pos : end] = k
         self.kv[layer, 1, :, :, self.pos : end] = v
         return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
@@ -347,7 +353,7 @@ class GPT(nn.Module):
                     cache.pos = 0  # re-prefill the window
             if use_cache and cache is None:
                 size = min(bs, idx.size(1) + max_new_tokens)
-                cache = KVCache(self.cfg, B, size, idx.device, self.transformer.wte.weight.dtype)
+                cache = KVCache(self.cfg, B, size, idx.device)
             if not use_cache:
                 x = idx
             logits, _ = self(x, cache=cache, pad=pad)
