@@ -53,7 +53,6 @@ class Chat:
     def reset(self) -> None:
         self.messages = [{"role": "system", "content": self.system}] if self.system else []
         self.cache = KVCache(self.model.cfg, 1, self.size, self.dev)
-                             self.model.transformer.wte.weight.dtype)
         self.cached: list[int] = []  # the tokens the cache holds
 
     @torch.no_grad()
