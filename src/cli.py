@@ -185,6 +185,18 @@ def cmd_plot(args, extra) -> int:
     return 0
 
 
+def cmd_status(args, extra) -> int:
+    from pathlib import Path
+
+    from src.tools.status import status
+
+    if extra:
+        raise SLMError(f"slm status takes a run name and --data-root, not {' '.join(extra)}")
+    root = Path(args.data_root or os.environ.get("SLM_DATA_ROOT") or paths.DEFAULT_DATA_ROOT)
+    print(status(root, args.run))
+    return 0
+
+
 def cmd_cost(args, extra) -> int:
     from src.tools.cost import estimate_text, measured_mfu
 
@@ -384,6 +396,16 @@ def _add_cost(sub) -> None:
     p.set_defaults(fn=cmd_cost)
 
 
+def _add_status(sub) -> None:
+    p = sub.add_parser("status", help="where a run stands: step, losses, checkpoints, state",
+                       description=_doc("src.tools.status"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", nargs="?", default=None, help="a run name (default: list every run)")
+    p.add_argument("--data-root", default=None,
+                   help="where checkpoints/ lives (default $SLM_DATA_ROOT, else ./data)")
+    p.set_defaults(fn=cmd_status)
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve a model over OpenAI's HTTP API, with a chat page at /",
@@ -420,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="slm", description="Train your own small GPT.")
     sub = ap.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_sample, _add_chat, _add_eval, _add_export, _add_plot, _add_cost,
-                _add_serve):
+                _add_status, _add_serve):
         add(sub)
     return ap
 
