@@ -131,6 +131,15 @@ def peak_flops(device: torch.device) -> float | None:
     return None
 
 
+def mfu(tokens_per_sec: float, flops_per_token: float, peak_per_device: float | None,
+        devices: int) -> float | None:
+    """Model FLOPs utilisation of a run: the FLOP/s of all its tokens (every rank's) over the
+    peak of all its devices (one GPU's peak would show 8 GPUs at 40% as 320%)."""
+    if not peak_per_device:
+        return None
+    return tokens_per_sec * flops_per_token / (peak_per_device * max(devices, 1))
+
+
 def native_bf16(device: torch.device) -> bool:
     """bf16 in hardware: CUDA compute capability 8.0+ (Ampere). torch.cuda.is_bf16_supported()
     also counts emulation (a T4 says yes), which would train slowly and without tensor cores."""

@@ -179,7 +179,8 @@ def wrap_model(model, ctx: Context, param_dtype: torch.dtype | None = None):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     ids = [ctx.local_rank] if ctx.device.type == "cuda" else None
-    return DDP(model, device_ids=ids, gradient_as_bucket_view=True)
+    # the only buffers are RoPE's tables, the same on every rank: no broadcast every forward
+    return DDP(model, device_ids=ids, gradient_as_bucket_view=True, broadcast_buffers=False)
 
 
 def grad_sync(model, enabled: bool) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from src.hardware import native_bf16
 from src.training.groups import embedding_group, is_token_embedding
 
 # Quintic Newton-Schulz coefficients chosen to push singular values towards 1 quickly.
@@ -21,7 +22,8 @@ _NS = (3.4445, -4.7750, 2.0315)
 
 def orthogonalize(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Approximately U V^T for g = U S V^T (the 'zeroth power' of g)."""
-    x = g.bfloat16() if g.is_cuda else g.float()
+    # bf16 only where the GPU has it in hardware (sm80+): emulated on a T4, and slower on CPUs
+    x = g.bfloat16() if native_bf16(g.device) else g.float()
     tall = x.size(0) > x.size(1)
     if tall:
         x = x.T

@@ -290,6 +290,8 @@ class Trainer:
         self.autocast = hw.autocast(self.dev, self.amp)
         fp16_cuda = self.dev.type == "cuda" and self.amp == torch.float16
         self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
+        if self.dev.type == "cuda":  # TF32 tensor cores for what stays float32 (A100 and later)
+            torch.set_float32_matmul_precision("high")
         if self.ctx.sharded and self.scaler is not None:
             raise SLMError("training.parallelism fsdp with float16 (this GPU has no bfloat16): "
                            "FSDP's shards cannot use the fp16 gradient scaler; use parallelism: "
@@ -558,7 +560,7 @@ class Trainer:
             "train/loss": loss, "lr": self.t.learning_rate * out.factor,
             "grad_norm": float(out.grad_norm), "tokens_per_sec": tps,
             "flops_per_sec": tps * self.flops_tok,
-            "mfu": tps * self.flops_tok / self.peak if self.peak else None,
+            "mfu": hw.mfu(tps, self.flops_tok, self.peak, self.world),
             "eval_seconds": round(aside["eval"], 3),
             "checkpoint_seconds": round(aside["checkpoint"], 3),
             "eta_seconds": eta, "progress": p,
