@@ -472,6 +472,23 @@ def summary(cfg, root: Path, res=None) -> dict:
     return out
 
 
+def write_result(root, name: str, out: dict | None, log=print) -> None:
+    """checkpoints/<name>/result.json: how the run ended (None: remove it, a new attempt
+    started), committed at once so `slm status` and a sweep's table see it from anywhere."""
+    from src.paths import RunLayout
+
+    path = RunLayout(root, name).result
+    if out is None:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({k: v for k, v in out.items()
+                               if isinstance(v, (str, int, float, bool, type(None)))}, indent=1))
+    os.replace(tmp, path)
+    commit_volume(log)
+
+
 def report(out: dict, log=print) -> None:
     if out.get("error"):
         log(f"error: {out['error']}")
@@ -572,7 +589,7 @@ def training_body(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "
     locks = lock_store() if locks is None else locks
     root = data_root()
     label = name or Path(config_path).stem
-    deadline = None
+    deadline = held = None  # held: the run's name once this attempt holds its lock
     try:
         raw, cfg = resolve(config_path, gpu, split_set(set), name, config_yaml)
         label = cfg.name
@@ -582,6 +599,8 @@ def training_body(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "
         if wandb and cfg.wandb.mode != "disabled":
             check_online_ready(cfg)
         with shared_lock(locks, f"run/{cfg.name}", f"run '{cfg.name}'", log):
+            held = cfg.name
+            write_result(root, held, None)  # this attempt is the run's news now
             fix_nested_upload(raw, cfg, root, log)
             ensure_data(raw, cfg, root, log)
             _, gpus = parse_gpu(cfg.modal.gpu)
@@ -605,6 +624,8 @@ def training_body(config_path: str = DEFAULT_CONFIG, gpu: str = "", set: str = "
     except torch.OutOfMemoryError:
         out = {"name": label, "error": "out of GPU memory: lower training.batch_size (and raise "
                                        "training.gradient_accumulation_steps), or pick a larger GPU"}
+    if held:  # (a run refused because another container trains it keeps that one's result)
+        write_result(root, held, out, log)
     report(out, log)
     return out
 
@@ -672,7 +693,8 @@ def sweep_body(config: str = DEFAULT_CONFIG, grid: str = "", gpu: str = "", set:
 
     base_raw, base = resolve(config, gpu, split_set(set))
     points = sw.expand(base.name, sw.parse_grid(grid))
-    group = group or base.wandb.group or f"{base.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+    group = sw.check_group(group or base.wandb.group
+                           or f"{base.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     jobs, problems, total = [], [], 0.0
     for p in points:
         try:
@@ -694,6 +716,10 @@ def sweep_body(config: str = DEFAULT_CONFIG, grid: str = "", gpu: str = "", set:
     for raw, cfg in datasets.values():  # tokenize each distinct dataset once, before any GPU
         ensure_data(raw, cfg, data_root(), log)
 
+    sw.write_record(data_root(), group, base.name, points)
+    commit_volume(log)
+    log(f"each point writes its result to the volume as it ends; see the table any time with: "
+        f"slm status --sweep {group} --modal")
     texts = [yaml.safe_dump(raw, sort_keys=False) for _, raw, _ in jobs]
     if modal.is_local():
         calls = [lambda t=t: train.local(config_yaml=t, wandb=wandb) for t in texts]
@@ -702,19 +728,23 @@ def sweep_body(config: str = DEFAULT_CONFIG, grid: str = "", gpu: str = "", set:
                    .spawn(config_yaml=t, wandb=wandb)
                    for t, (_, _, cfg) in zip(texts, jobs, strict=True)]
         calls = [c.get for c in spawned]
-    rows = []
-    for (p, _, _), get in zip(jobs, calls, strict=True):
+    for (p, _, _), get in zip(jobs, calls, strict=True):  # one point's failure stops no other
         try:
-            out = get()
-        except Exception as e:  # a point that failed all its attempts
-            out = {"error": failure_message(e, base.modal)}
-        rows.append({"name": p.name, "values": p.values, **out})
+            get()
+        except Exception as e:  # a point that failed all its attempts: its result says why
+            write_result(data_root(), p.name, {"name": p.name,
+                                               "error": failure_message(e, base.modal)}, log)
+    from src.tools.status import LocalTree, sweep_rows
+
+    reload_volume(log)
+    rows = sweep_rows(LocalTree(data_root()), group)
     table = sw.format_table(rows)
     log(f"\nsweep {group}: final validation loss\n{table}")
     best = next((r for r in sorted(rows, key=lambda r: r.get("val_loss") or float("inf"))
                  if r.get("val_loss") is not None), None)
     if best:
-        log(f"best: {best['name']}; download it with: {best['download']}")
+        log(f"best: {best['name']}; download it with: modal volume get {VOLUME_NAME} "
+            f"models/{best['name']}_final.pt .")
     return table
 
 

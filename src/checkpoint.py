@@ -174,7 +174,7 @@ def find_resumable(run_dir: str | Path, log=print) -> tuple[Path, dict] | None:
     """The newest checkpoint that loads; damaged ones are reported and skipped."""
     for p in candidates(run_dir):
         try:
-            return p, check_resumable(load(p), p)
+            return p, check_resumable(load(p, mmap=True), p)  # mapped: see load()
         except SLMError as e:
             log(f"warning: skipping {p.name}: {e}")
     return None

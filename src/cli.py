@@ -3,7 +3,7 @@
     slm train --config configs/tiny.yaml --no-wandb --training.learning_rate 3e-3
     slm prepare --config configs/tiny.yaml
     slm sample data/models/tiny_final.pt --prompt "def " --max-new-tokens 200
-    slm eval | export | plot | cost ...        (slm COMMAND --help for each)
+    slm eval | export | plot | cost | plan ...  (slm COMMAND --help for each)
 
 Every command that reads a config takes dotted overrides for any key (`--section.key value`),
 `--data-root DIR` (default ./data; /data on Modal) and prints errors as one `error:` line.
@@ -188,12 +188,19 @@ def cmd_plot(args, extra) -> int:
 def cmd_status(args, extra) -> int:
     from pathlib import Path
 
-    from src.tools.status import status
+    from src.tools.status import LocalTree, status, sweep_status, volume_tree
 
     if extra:
-        raise SLMError(f"slm status takes a run name and --data-root, not {' '.join(extra)}")
+        raise SLMError(f"slm status takes a run name, --sweep, --modal and --data-root, not "
+                       f"{' '.join(extra)}")
+    if args.modal and args.data_root:
+        raise SLMError("--modal reads the volume slm-data; --data-root is for this machine")
+    if args.sweep is not None and args.run:
+        raise SLMError("give a run name or --sweep NAME, not both")
     root = Path(args.data_root or os.environ.get("SLM_DATA_ROOT") or paths.DEFAULT_DATA_ROOT)
-    print(status(root, args.run))
+    tree = volume_tree() if args.modal else LocalTree(root)
+    print(sweep_status(tree, args.sweep) if args.sweep is not None
+          else status(tree.root, args.run, tree))
     return 0
 
 
@@ -208,6 +215,38 @@ def cmd_cost(args, extra) -> int:
         mfu, source = measured_mfu(args.metrics), f"measured in {args.metrics}"
     print(f"{cfg.name}: {args.config}")
     print(estimate_text(cfg, mfu=mfu, mfu_source=source))
+    return 0
+
+
+def cmd_plan(args, extra) -> int:
+    from src.tools.cost import measured_mfu
+    from src.tools.plan import DEFAULT_BASE, data_note, describe, plan, target_for, write
+    from src.training.config import load_config
+
+    if args.device and args.gpu:
+        raise SLMError("--device cpu plans for this machine, --gpu for Modal: give one")
+    if args.mfu and args.metrics:
+        raise SLMError("--mfu and --metrics both set the MFU: give one")
+    config = args.config or DEFAULT_BASE["cpu" if args.device else "gpu"]
+    base = load_config(config, split_overrides(extra))
+    gpu = None if args.device else args.gpu or base.modal.gpu
+    mfu, source = args.mfu, None
+    if args.metrics:
+        mfu, source = measured_mfu(args.metrics), f"measured in {args.metrics}"
+    target = target_for({"budget": args.budget, "hours": args.hours, "minutes": args.minutes,
+                         "flops": args.flops}, gpu, mfu, source, args.tokens_per_param)
+    options = plan(target, base, log=lambda m: print(m, file=sys.stderr))
+    if args.pick > len(options):
+        raise SLMError(f"--pick {args.pick}: this plan has {len(options)} option(s)")
+    chosen = options[args.pick - 1]
+    print(describe(options, target, args.pick - 1))
+    print(data_note(chosen.cfg, chosen.tokens, paths.data_root(args.data_root)
+                    if args.data_root else paths.DEFAULT_DATA_ROOT))
+    if args.output:
+        out = write(chosen, args.output, args.force)
+        run = ("python train_local.py --config " + str(out) if not gpu else
+               f"modal run modal_app.py --config {out}")
+        print(f"wrote {out} (option {args.pick}); train it with: {run}")
     return 0
 
 
@@ -396,11 +435,54 @@ def _add_cost(sub) -> None:
     p.set_defaults(fn=cmd_cost)
 
 
+def _add_plan(sub) -> None:
+    from src.tools.cost import ASSUMED_MFU
+
+    p = sub.add_parser("plan", help="from a budget to a config: model size, tokens, batch, lr",
+                       description=_doc("src.tools.plan"),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    b = p.add_argument_group("the budget (give one)")
+    b.add_argument("--budget", type=arg(float, 0, lo_open=True), default=None,
+                   help="US dollars on Modal (GPU, CPU and memory, as `slm cost` counts them)")
+    b.add_argument("--hours", type=arg(float, 0, lo_open=True), default=None,
+                   help="hours of training")
+    b.add_argument("--minutes", type=arg(float, 0, lo_open=True), default=None,
+                   help="minutes of training")
+    b.add_argument("--flops", type=arg(float, 0, lo_open=True), default=None,
+                   help="training FLOPs, e.g. 1e19")
+    p.add_argument("--gpu", default=None,
+                   help="Modal GPU, e.g. H100 or H100:8 (default: the base config's modal.gpu)")
+    p.add_argument("--device", choices=["cpu"], default=None,
+                   help="plan for this machine's CPU instead (times a few steps first)")
+    p.add_argument("--config", default=None,
+                   help="base config: data, tokenizer, model options and optimizer to keep "
+                        "(default configs/gpt_124m.yaml for a GPU, configs/tiny.yaml for --device "
+                        "cpu)")
+    p.add_argument("--mfu", type=arg(float, 0, 1, lo_open=True), default=None,
+                   help=f"GPU utilisation to plan with (default {ASSUMED_MFU}, labelled assumed)")
+    p.add_argument("--metrics", default=None,
+                   help="a run's metrics.jsonl (or run folder): plan with the MFU it measured")
+    p.add_argument("--tokens-per-param", type=arg(float, 0, lo_open=True), default=None,
+                   help="size the compute-optimal option at this many training tokens per "
+                        "parameter (default: 20 on a GPU, Chinchilla's; docs/plan.md on a CPU)")
+    p.add_argument("--pick", type=arg(int, 1, 4), default=1,
+                   help="which option -o writes (default 1, the compute-optimal one)")
+    p.add_argument("-o", "--output", default=None, help="write the chosen option as a config")
+    p.add_argument("--force", action="store_true", help="replace an existing -o file")
+    p.add_argument("--data-root", default=None,
+                   help="where prepared datasets are looked up (default ./data)")
+    p.set_defaults(fn=cmd_plan)
+
+
 def _add_status(sub) -> None:
     p = sub.add_parser("status", help="where a run stands: step, losses, checkpoints, state",
                        description=_doc("src.tools.status"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", nargs="?", default=None, help="a run name (default: list every run)")
+    p.add_argument("--sweep", default=None, metavar="NAME",
+                   help="a sweep's table (its W&B group name), built from its points' folders")
+    p.add_argument("--modal", action="store_true",
+                   help="read the Modal volume slm-data through Modal's API (needs `modal setup`)")
     p.add_argument("--data-root", default=None,
                    help="where checkpoints/ lives (default $SLM_DATA_ROOT, else ./data)")
     p.set_defaults(fn=cmd_status)
@@ -442,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="slm", description="Train your own small GPT.")
     sub = ap.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_sample, _add_chat, _add_eval, _add_export, _add_plot, _add_cost,
-                _add_status, _add_serve):
+                _add_plan, _add_status, _add_serve):
         add(sub)
     return ap
 

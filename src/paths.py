@@ -2,6 +2,8 @@
 
     datasets/<source>-<tokenizer>-<key>/   token shards, tokenizer files, manifest.json
     checkpoints/<name>/                    step_N.pt, final.pt, metrics.jsonl, config.yaml, ...
+                                           result.json (how it ended)
+    sweeps/<group>.json                    a sweep's points
     models/<name>_final.pt                 the trained weights, config and tokenizer
 
 `RunLayout(root, name)` is the one place these paths are built.
@@ -14,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_DATA_ROOT = "data"
+VOLUME_NAME = "slm-data"  # the Modal volume mounted at /data (modal_app.py keeps the same name)
+LOCK_DICT = "slm-locks"  # the modal.Dict of cross-container locks (modal_app.py's too)
 
 
 def data_root(arg: str | Path | None = None) -> Path:
@@ -77,6 +81,11 @@ class RunLayout:
         return self.run_dir / ".lock"
 
     @property
+    def result(self) -> Path:
+        """How the run ended ({name, step, val_loss, ...} or {name, error}), written last."""
+        return self.run_dir / "result.json"
+
+    @property
     def models_dir(self) -> Path:
         return self.root / "models"
 
@@ -91,3 +100,8 @@ class RunLayout:
     @property
     def datasets(self) -> Path:
         return self.root / "datasets"
+
+
+def sweep_record(root: str | Path, group: str) -> Path:
+    """sweeps/<group>.json: a sweep's points (names and values), written before they start."""
+    return Path(root) / "sweeps" / f"{group}.json"

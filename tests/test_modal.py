@@ -6,6 +6,7 @@ No test here talks to Modal's servers.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -407,6 +408,46 @@ def test_sweep_trains_each_point_as_its_own_run_in_one_group(monkeypatch, tmp_pa
     printed = capsys.readouterr().out
     assert "final validation loss" in printed and "best: tiny-lr" in printed
     assert printed.count("preparing ") == 1  # one dataset, tokenized once for both points
+    assert "slm status --sweep g1 --modal" in printed
+    # the table lives on the volume: rebuilt later, without the process that launched the points
+    from src.cli import main
+
+    assert main(["status", "--sweep", "g1", "--data-root", str(tmp_path)]) == 0
+    later = capsys.readouterr().out
+    assert "sweep g1: 2 of 2 points ended" in later
+    assert sorted(ln.split()[0] for ln in later.splitlines()[3:]) == names
+    assert all("finished" in ln for ln in later.splitlines()[3:])
+
+
+def test_one_failed_sweep_point_stops_no_other(monkeypatch, tmp_path, corpus, capsys):
+    monkeypatch.setenv("SLM_DATA_ROOT", str(tmp_path))
+    monkeypatch.setattr(modal_app, "commit_volume", lambda log=print: None)
+    real = modal_app.training_body
+
+    def body(*a, **kw):  # the first point fails every attempt (a lost GPU)
+        if "tiny-lr1e-3" in repr((a, kw)):
+            raise RuntimeError("the container's GPU fell off the bus")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(modal_app, "training_body", body)
+    s = fast_set(corpus, **{"training.max_steps": 4, "training.eval_every": 4})
+    table = modal_app.sweep.local(config="configs/tiny.yaml", set=s, group="g2", wandb=False,
+                                  grid="training.learning_rate=1e-3,3e-3")
+    rows = {ln.split()[0]: ln for ln in table.splitlines()[2:]}
+    assert "finished" in rows["tiny-lr3e-3"] and (tmp_path / "models/tiny-lr3e-3_final.pt").is_file()
+    assert "failed" in rows["tiny-lr1e-3"] and "GPU fell off" in rows["tiny-lr1e-3"]
+    result = json.loads((tmp_path / "checkpoints/tiny-lr1e-3/result.json").read_text())
+    assert "fell off the bus" in result["error"]
+
+
+def test_sweep_names_and_missing_sweeps_are_refused(tmp_path, capsys):
+    from src.cli import main
+
+    for bad in ("../etc", "a/b", ""):
+        assert main(["status", "--sweep", bad, "--data-root", str(tmp_path)]) == 2
+        assert capsys.readouterr().err.startswith("error: sweep name")
+    assert main(["status", "--sweep", "nope", "--data-root", str(tmp_path)]) == 2
+    assert "no record sweeps/nope.json" in capsys.readouterr().err
 
 
 def test_sweep_refuses_a_bad_point_before_training(monkeypatch, tmp_path):
@@ -414,3 +455,9 @@ def test_sweep_refuses_a_bad_point_before_training(monkeypatch, tmp_path):
     with pytest.raises(SLMError, match="tiny-warmup-5"):
         modal_app.sweep_body("configs/tiny.yaml", grid="training.warmup_steps=10,-5")
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_the_launcher_and_slm_status_name_the_same_volume_and_lock_store():
+    from src import paths
+
+    assert modal_app.VOLUME_NAME == paths.VOLUME_NAME and modal_app.LOCK_DICT == paths.LOCK_DICT

@@ -137,6 +137,36 @@ def test_resume_from_a_given_path(fast_cfg, tmp_path):
     assert res.step == 12 and any("resumed from" in m and "step_4.pt" in m for m in msgs)
 
 
+def test_a_resumed_run_frees_the_checkpoint_it_restored(fast_cfg, tmp_path, monkeypatch):
+    """The whole checkpoint (weights, optimizer) is not kept for the rest of the run."""
+    import gc
+    import weakref
+
+    class State(dict):  # a dict that a weak reference can watch
+        pass
+
+    train(fast_cfg(**{"training.max_steps": 4}), data_root=tmp_path, use_wandb=False,
+          log=lambda *a: None)
+    loaded, real = [], ckpt.load
+
+    def load(*a, **kw):
+        state = State(real(*a, **kw))
+        loaded.append((weakref.ref(state), kw.get("mmap")))
+        return state
+
+    monkeypatch.setattr(ckpt, "load", load)
+    alive = []
+
+    def during_the_run(path):
+        gc.collect()
+        alive.append([ref() is not None for ref, _ in loaded])
+
+    res = train(fast_cfg(**{"training.max_steps": 8}), data_root=tmp_path, use_wandb=False,
+                log=lambda *a: None, on_checkpoint=during_the_run)
+    assert res.step == 8 and loaded and all(mmap for _, mmap in loaded)  # mapped, not read in
+    assert alive and not any(any(a) for a in alive)
+
+
 def test_time_budget_is_a_complete_run(fast_cfg, tmp_path):
     cfg = fast_cfg(**{"training.max_steps": 10_000_000, "training.max_seconds": 4,
                       "training.log_every": 1})

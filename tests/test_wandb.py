@@ -88,6 +88,8 @@ def summarize(folder: Path, finished: bool = True) -> dict:
                                      "files": [e.path for e in r.artifact.manifest.contents],
                                      "local": [e.local_path for e in r.artifact.manifest.contents],
                                      "metadata": json.loads(r.artifact.metadata or "{}")})
+        elif kind == "config":  # updates after the start (e.g. compiled: false)
+            out["config"].update({i.key: json.loads(i.value_json) for i in r.config.update})
         elif kind == "summary":
             for i in r.summary.update:
                 if i.key:
@@ -131,6 +133,35 @@ def _cfg(fast_cfg, name, **kw):
 
 
 # ----------------------------------------------------------------------------- a real offline run
+
+
+def test_a_failed_compile_is_loud_and_recorded(fast_cfg, root, monkeypatch, capsys, one_thread):
+    """A real torch.compile failure (Inductor with no working C++ compiler): one warning, the run
+    trains eagerly to the end, and compiled: false is in metrics.jsonl and the W&B config."""
+    import torch._inductor.config as inductor
+
+    from src.training import trainer as tr
+    from src.training.metrics import read_metrics
+
+    monkeypatch.setattr(tr, "COMPILE_DEVICES", ("cuda", "cpu"))  # compile here too
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, "/nonexistent/g++"))
+    cfg = _cfg(fast_cfg, "wb-nocompile", training__compile=True, training__max_steps=4)
+    res = train(cfg, data_root=root, device="cpu")
+    out = capsys.readouterr().out
+    assert res.step == 4 and out.count("WARNING: torch.compile failed") == 1
+    assert "InductorError" in out and "training.compile: false" in out
+    run = RunLayout(root, "wb-nocompile")
+    assert {"step": 1, "compiled": False} in read_metrics(run.metrics)
+    [folder] = offline_folders(run.run_dir)
+    assert summarize(folder)["config"]["compiled"] is False
+
+
+def test_an_eager_run_records_compiled_false_quietly(fast_cfg, root, capsys, one_thread):
+    from src.training.metrics import read_metrics
+
+    train(_cfg(fast_cfg, "wb-eager", training__max_steps=2), data_root=root, device="cpu")
+    assert "torch.compile" not in capsys.readouterr().out
+    assert {"step": 1, "compiled": False} in read_metrics(RunLayout(root, "wb-eager").metrics)
 
 
 def test_offline_run_has_logged_keys_and_resume_continues_same_run(fast_cfg, root, capsys):

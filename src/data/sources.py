@@ -55,6 +55,7 @@ class HubPreset:
     revision: str  # a commit id: what the files are read at, recorded in the manifest
     splits: dict  # split -> tuple of Parquet paths inside the repo at that revision
     about: str = ""
+    gpt2_tokens: int | None = None  # training tokens with GPT-2's tokenizer, where known (plans)
 
     @property
     def spec(self) -> str:
@@ -68,6 +69,7 @@ class UrlPreset:
     url: str
     sha256: str
     about: str = ""
+    gpt2_tokens: int | None = None  # tokens with GPT-2's tokenizer, where known (plans)
 
     @property
     def spec(self) -> str:
@@ -85,6 +87,7 @@ PRESETS = {
         "6f9487a6fe5b420b7ca9afb0d7c078e37c1d1b4e/data/tinyshakespeare/input.txt",
         sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
         about="Shakespeare's plays, 1.1 MB of text (char-rnn's copy)",
+        gpt2_tokens=338_025,  # nanoGPT's shakespeare/prepare.py: 301,966 train + 36,059 val
     ),
     "tinystories": HubPreset(
         "roneneldan/TinyStories", "f54c09fd23315a6f9c86f9dc80f725de7d8f9c64",
@@ -97,11 +100,13 @@ PRESETS = {
         "HuggingFaceFW/fineweb-edu", "87f09149ef4734204d70ed1d046ddc9ca3f2b8f9",
         {"train": _numbered("sample/10BT/{:03d}_00000.parquet", 14)},
         about="FineWeb-Edu's 10B-token sample: 9.7M educational web pages, 28.5 GB of Parquet",
+        gpt2_tokens=10_000_000_000,  # the sample's name: 10B GPT-2 tokens
     ),
     "openwebtext": HubPreset(
         "Skylion007/openwebtext", "79d93d786212f7344586290adb811d4ae6a1762c",
         {"train": _numbered("plain_text/train-{:05d}-of-00080.parquet", 80)},
         about="OpenWebText (GPT-2's WebText, recreated): 8.0M documents, 24 GB of Parquet",
+        gpt2_tokens=9_000_000_000,  # nanoGPT's openwebtext/prepare.py: about 9B train tokens
     ),
 }
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".rst", ".text"}

@@ -15,6 +15,7 @@ preparation are not included.
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
 from dataclasses import dataclass
@@ -103,15 +104,20 @@ def measured_mfu(metrics_path: str | Path) -> float:
 
 
 def _flops_per_token(cfg) -> float:
-    import torch
-
-    from src.model.gpt import GPT
-
     mcfg = cfg.model
     if mcfg.vocab_size is None:  # char tokenizer: known after preparation; 256 is close enough
         mcfg = mcfg.model_copy(update={"vocab_size": 256})
+    return _model_flops(mcfg.model_dump_json(), cfg.seq_len)
+
+
+@functools.lru_cache(maxsize=256)
+def _model_flops(model_json: str, seq_len: int) -> float:
+    import torch
+
+    from src.model.gpt import GPT, GPTConfig
+
     with torch.device("meta"):
-        return GPT(mcfg).flops_per_token(cfg.seq_len)
+        return GPT(GPTConfig.model_validate_json(model_json)).flops_per_token(seq_len)
 
 
 def estimate(cfg, gpu: str | None = None, mfu: float | None = None,

@@ -26,7 +26,7 @@ from src.errors import SLMError
 from src.hardware import GPUS, gpu_spec
 from src.model.gpt import GPT
 from src.paths import RunLayout
-from src.training.config import Config, config_from_dict
+from src.training.config import FIXED_VOCAB, Config, config_from_dict
 from src.training.metrics import peak_rss_gb, read_metrics
 
 SMOKE_PARAMS = 100_000_000  # most parameters rehearsed: ~16 B each (weights, grads, AdamW)
@@ -34,7 +34,6 @@ SMOKE_SEQ = 32  # tokens per sequence in the rehearsal (block_size, and so the s
 SMOKE_BATCH = 1  # sequences per micro-step
 SMOKE_STEPS = 3  # optimizer steps; a checkpoint at step 2 is resumed to redo step 3
 SAMPLE_BYTES = 600_000  # text of the embedded corpus the rehearsal prepares
-GPT2_VOCAB = 50257
 
 
 @dataclass
@@ -106,15 +105,14 @@ def _tokenizer_plan(d: dict, notes: list[str]) -> None:
         GPT2Tokenizer()
     except SLMError as e:
         d["data"]["tokenizer"] = "bytes"
-        d["model"]["vocab_size"] = d["model"].get("vocab_size") or GPT2_VOCAB
+        d["model"]["vocab_size"] = d["model"].get("vocab_size") or FIXED_VOCAB["gpt2"]
         notes.append(f"notice: {str(e).split(': ')[0]}; a byte tokenizer stands in, with the "
                      f"model's vocabulary kept at {d['model']['vocab_size']} (the same shape)")
 
 
 def _depth(cfg: Config) -> tuple[int, int, int]:
     """(layers that fit SMOKE_PARAMS, parameters of the full model, parameters per layer)."""
-    m = cfg.model
-    vocab = m.vocab_size or (GPT2_VOCAB if cfg.data.tokenizer == "gpt2" else cfg.data.vocab_size)
+    m, vocab = cfg.model, cfg.model_vocab
     with torch.device("meta"):
         full = GPT(m.model_copy(update={"vocab_size": vocab})).num_params()
         one = GPT(m.model_copy(update={"vocab_size": vocab, "n_layer": 1})).num_params()
@@ -203,11 +201,8 @@ def rehearse(cfg: Config, data_root: str | Path, device: str = "cpu", use_wandb:
 
 
 def _full_model(cfg: Config) -> GPT:
-    m = cfg.model
-    vocab = m.vocab_size or (GPT2_VOCAB if cfg.data.tokenizer == "gpt2" else
-                             cfg.data.vocab_size if cfg.data.tokenizer == "bpe" else 256)
     with torch.device("meta"):
-        return GPT(m.model_copy(update={"vocab_size": vocab}))
+        return GPT(cfg.model.model_copy(update={"vocab_size": cfg.model_vocab}))
 
 
 def _memory_advice(cfg: Config, need: float, have: float) -> str:

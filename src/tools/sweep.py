@@ -12,9 +12,13 @@ point's; re-running the same sweep resumes each point.
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
 import re
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from src.errors import SLMError
 
@@ -89,8 +93,31 @@ def expand(base_name: str, grid: dict[str, list[str]]) -> list[Point]:
     return points
 
 
+def check_group(group: str) -> str:
+    """A sweep's name (its W&B group) names a file: letters, digits, '.', '_' and '-'."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,119}", group or ""):
+        raise SLMError(f"sweep name {group!r}: use letters, digits, '.', '_' and '-' (at most "
+                       "120; it names the file sweeps/<name>.json)")
+    return group
+
+
+def write_record(root, group: str, base: str, points: list[Point]) -> Path:
+    """sweeps/<group>.json on the data root: the points, before any of them starts, so the table
+    can be built from the volume whatever happens to the process that launched them."""
+    from src.paths import sweep_record
+
+    path = sweep_record(root, group)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"group": group, "base": base, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+           "points": [{"name": p.name, "values": p.values} for p in points]}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
 def format_table(rows: list[dict]) -> str:
-    """rows: {name, values, val_loss, val_bpb, step, cost_usd, error}; best validation loss first."""
+    """rows: {name, values, val_loss, val_bpb, step, state, error}; best validation loss first."""
 
     def key(r):
         v = r.get("val_loss")
@@ -100,7 +127,9 @@ def format_table(rows: list[dict]) -> str:
         return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
     notes = any(r.get("error") for r in rows)
-    head = ["run", "overrides", "val loss", "val bpb", "step"] + (["error"] if notes else [])
+    states = any(r.get("state") for r in rows)
+    head = ["run", "overrides", "val loss", "val bpb", "step"] + (["state"] if states else []) \
+        + (["error"] if notes else [])
     body = []
     for r in sorted(rows, key=key):
         body.append([
@@ -109,7 +138,8 @@ def format_table(rows: list[dict]) -> str:
             num(r.get("val_loss"), ".4f"),
             num(r.get("val_bpb"), ".4f"),
             num(r.get("step"), "d"),
-        ] + ([(r.get("error") or "")[:80]] if notes else []))
+        ] + ([r.get("state") or "-"] if states else [])
+            + ([(r.get("error") or "")[:80]] if notes else []))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]

@@ -181,6 +181,17 @@ class Config(_Section):
     def seq_len(self) -> int:
         return self.training.seq_len or self.model.block_size
 
+    @property
+    def tokenizer_vocab(self) -> int | None:
+        """The tokenizer's vocabulary as configured (None for char: known after preparation)."""
+        d = self.data
+        return FIXED_VOCAB.get(d.tokenizer, d.vocab_size if d.tokenizer == "bpe" else None)
+
+    @property
+    def model_vocab(self) -> int:
+        """The model's vocabulary: model.vocab_size, else the tokenizer's (char: 256, close)."""
+        return self.model.vocab_size or self.tokenizer_vocab or 256
+
     def grad_accum(self, world_size: int = 1) -> int:
         """Micro-steps per optimizer step on each rank (from batch_tokens when it is set)."""
         t = self.training
@@ -272,7 +283,7 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"training.seq_len: {t.seq_len} is longer than model.block_size {m.block_size}; "
             "lower seq_len or raise block_size"
         )
-    tok_vocab = FIXED_VOCAB.get(d.tokenizer, d.vocab_size if d.tokenizer == "bpe" else None)
+    tok_vocab = cfg.tokenizer_vocab
     if m.vocab_size is not None and tok_vocab is not None and m.vocab_size < tok_vocab:
         errs.append(
             f"model.vocab_size: {m.vocab_size} is smaller than the {d.tokenizer} tokenizer's "
@@ -293,12 +304,8 @@ def validate_config(raw: dict, source: str = "config") -> Config:
     errs = _cross_checks(cfg)
     if errs:
         raise ConfigError(f"{source}: {len(errs)} problem(s)\n  " + "\n  ".join(errs))
-    if cfg.model.vocab_size is None:
-        v = FIXED_VOCAB.get(cfg.data.tokenizer)
-        if cfg.data.tokenizer == "bpe":
-            v = cfg.data.vocab_size
-        if v is not None:  # char: known once the corpus is read
-            cfg.model.vocab_size = v
+    if cfg.model.vocab_size is None and cfg.tokenizer_vocab:  # char: known once the corpus is read
+        cfg.model.vocab_size = cfg.tokenizer_vocab
     return cfg
 
 

@@ -26,6 +26,7 @@ from src.errors import SLMError
 TIMEOUT_S = float(os.environ.get("SLM_DIST_TIMEOUT_S", 1800))
 _LONG = timedelta(hours=24)
 _long_group = None  # gloo group for the long waits
+_host_group = None  # gloo group for per-step agreements when the default group is NCCL
 
 
 @dataclass
@@ -112,18 +113,22 @@ def setup(device: str = "auto", parallelism: str = "ddp") -> Context:
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
-    global _long_group
+    global _long_group, _host_group
     if not td.is_initialized():
         td.init_process_group(backend="nccl" if use_cuda else "gloo",
                               device_id=dev if use_cuda else None,
                               timeout=timedelta(seconds=TIMEOUT_S))
     _long_group = td.new_group(backend="gloo", timeout=_LONG)
+    # small per-step agreements (stop signals, rank 0's clock) between the hosts: over gloo, so
+    # the CPU never waits for the GPU's queued work to learn them (None: the default is gloo)
+    _host_group = td.new_group(backend="gloo", timeout=timedelta(seconds=TIMEOUT_S)) \
+        if use_cuda else None
     return Context(rank, world, local, dev, parallelism)
 
 
 def teardown() -> None:
-    global _long_group
-    _long_group = None
+    global _long_group, _host_group
+    _long_group = _host_group = None
     if td.is_initialized():
         td.destroy_process_group()
 
@@ -145,6 +150,12 @@ def broadcast_object(obj):
 def all_reduce_sum(t: torch.Tensor) -> None:
     if td.is_initialized():
         td.all_reduce(t, op=td.ReduceOp.SUM)
+
+
+def all_reduce_host(t: torch.Tensor) -> None:
+    """Sum a CPU tensor over the ranks between the hosts (no wait for the GPU)."""
+    if td.is_initialized():
+        td.all_reduce(t, op=td.ReduceOp.SUM, group=_host_group)
 
 
 def all_reduce_max(t: torch.Tensor) -> None:

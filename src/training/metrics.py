@@ -24,8 +24,13 @@ from pathlib import Path
 
 def read_metrics(path: str | Path) -> list[dict]:
     """Rows of a metrics.jsonl, in order (lines cut short by a kill are skipped)."""
+    return parse_metrics(Path(path).read_text(encoding="utf-8"))
+
+
+def parse_metrics(text: str) -> list[dict]:
+    """Rows of a metrics.jsonl's text (wherever it was read from: a folder, a Modal volume)."""
     rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         try:
             row = json.loads(line)
         except ValueError:
@@ -50,6 +55,10 @@ class JsonlSink:
         elif path.exists():
             path.unlink()
         self.f = open(path, "a", buffering=1)
+
+    def on_config(self, values: dict, step: int) -> None:
+        """A fact about the run learnt while training (e.g. compiled: false), as its own row."""
+        self.log({"step": step, **values})
 
     def log(self, row: dict) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)

@@ -40,6 +40,7 @@ from src.training.metrics import Console, JsonlSink, Metrics, peak_rss_gb
 from src.training.optim import build_optimizer, lr_factor, set_lr
 from src.training.state import TrainState, checkpoint_dict, rng_state, set_rng_state
 
+COMPILE_DEVICES = ("cuda",)  # training.compile applies here (CPU/MPS stay eager: no gain)
 MAX_SKIPS_IN_A_ROW = 10  # skip_nonfinite: this many skipped updates in a row stop the run
 
 __all__ = ["Interrupted", "Result", "train"]
@@ -106,7 +107,9 @@ def _launch(cfg, layout, device, resume, use_wandb, on_checkpoint, log, cost_per
                 state_path = Path(state_path)
                 state = ckpt.load(state_path, mmap=True)
         trainer = Trainer(cfg, layout, dev, ctx, use_wandb, on_checkpoint, say, cost_per_hour)
-        return trainer.run(state, state_path)
+        restored = [state]  # handed over, so the trainer can free it once restored
+        del state
+        return trainer.run(restored, state_path)
     finally:
         if lock:
             lock.release()
@@ -149,7 +152,7 @@ def _take_lock(layout: RunLayout, resume: str, say) -> RunLock:
 def _choose_resume(layout: RunLayout, resume: str, say) -> tuple[Path | None, dict | None]:
     if resume not in ("auto", "never"):
         path = Path(resume)
-        return path, ckpt.check_resumable(ckpt.load(path), path)
+        return path, ckpt.check_resumable(ckpt.load(path, mmap=True), path)
     if resume == "auto":
         found = ckpt.find_resumable(layout.run_dir, say)
         if found:
@@ -208,13 +211,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ build
 
-    def run(self, state: dict | None, state_path: Path | None) -> Result:
+    def run(self, restored: list, state_path: Path | None) -> Result:
+        """restored: [the checkpoint's state or None], emptied here so that the state (the whole
+        checkpoint, optimizer included) is freed once restored, not kept for the whole run."""
+        state = restored.pop()
         self.build(state, state_path)
         if state is not None and (self.budget.done(self.s.step, self.s.tokens)
                                   or self.budget.over_cost()):
             return self.already_done(state, state_path)
         if state is not None:
             self._budget_change(state)
+        del state
         self.loop()
         return self.finish()
 
@@ -322,12 +329,30 @@ class Trainer:
         self.say(f"resumed from {state_path} at step {self.s.step} ({self.s.tokens:,} tokens)")
 
     def _compiled(self, model):
-        if not (self.t.compile and self.dev.type == "cuda"):
-            return model
-        import torch._dynamo as dynamo
+        """torch.compile'd model (compiled lazily, at the first step) where training.compile asks
+        for it on a device in COMPILE_DEVICES; a compile failure is caught there (_eager_after)."""
+        self.compiled = self.compile_pending = bool(self.t.compile
+                                                    and self.dev.type in COMPILE_DEVICES)
+        return torch.compile(model) if self.compiled else model
 
-        dynamo.config.suppress_errors = True  # fall back to eager on compile failure
-        return torch.compile(model)
+    def _eager_after(self, e: Exception) -> None:
+        """torch.compile failed at the first step: say so loudly, once, and train eagerly."""
+        from torch._dynamo.exc import TorchDynamoException
+
+        if not (self.compile_pending and isinstance(e, TorchDynamoException)):
+            raise e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+        self.say(f"WARNING: torch.compile failed ({type(e).__name__}: {first}); this run trains "
+                 "WITHOUT compile, slower (recorded as compiled: false). Fix the compiler set-up, "
+                 "or set training.compile: false to skip the attempt")
+        self.step_model, self.compiled, self.compile_pending = self.wrapped, False, False
+
+    def _forward_backward(self, x, y, accum: int) -> torch.Tensor:
+        with self.autocast():
+            _, loss = self.step_model(x, y)
+            loss = loss / accum
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return loss.detach()
 
     def _hellaswag(self):
         if not (self.t.hellaswag_every and self.master):
@@ -458,11 +483,11 @@ class Trainer:
                 return self._abandon(start, loss_sum, factor, sig.got)
             x, y = self.loader.next_batch(self.dev)
             dist.grad_sync(self.wrapped, micro == accum - 1)  # reduce on the last micro-step
-            with self.autocast():
-                _, loss = self.step_model(x, y)
-                loss = loss / accum
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum += loss.detach()
+            try:
+                loss_sum += self._forward_backward(x, y, accum)
+            except Exception as e:  # torch.compile failed (at its first call): redo eagerly
+                self._eager_after(e)
+                loss_sum += self._forward_backward(x, y, accum)
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         gnorm = dist.clip_grad_norm(self.model, t.grad_clip, self.ctx)
@@ -483,6 +508,9 @@ class Trainer:
             self.win_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
         s.step += 1
+        if self.compile_pending is not None:  # this process's first step: compiled or not
+            self.compile_pending = None
+            self.metrics.call("on_config", {"compiled": self.compiled}, s.step)
         s.tokens += self.tokens_per_step
         self.win_tokens += self.tokens_per_step
         return StepOut(loss_sum, gnorm, factor, stop)
@@ -693,14 +721,19 @@ def _most_batches(n: int) -> int:
 
 
 def _sync_step(loss_sum: torch.Tensor, got: int | None, elapsed: float, ctx) -> tuple:
-    """One all-reduce per step: (global loss sum, signal any rank got, rank 0's elapsed time)."""
-    v = torch.tensor([0.0, elapsed if ctx.master else 0.0, got == signal.SIGTERM,
-                      got == signal.SIGINT], dtype=torch.float64, device=loss_sum.device)
-    v[0] = loss_sum.double()
-    dist.all_reduce_sum(v)
-    _, el, term, intr = v.tolist()
+    """Once per step: (global loss sum, signal any rank got, rank 0's elapsed time).
+
+    The signal and the clock are agreed between the hosts (a CPU all-reduce), so the host never
+    waits for the GPU; the loss is summed on the device, queued behind the step's work, and is
+    read only when a metric line is logged."""
+    ctl = torch.tensor([elapsed if ctx.master else 0.0, got == signal.SIGTERM,
+                        got == signal.SIGINT], dtype=torch.float64)
+    dist.all_reduce_host(ctl)
+    el, term, intr = ctl.tolist()
+    total = loss_sum.clone()
+    dist.all_reduce_sum(total)
     sig = signal.SIGTERM if term else signal.SIGINT if intr else None
-    return v[0].to(loss_sum.dtype), sig, el
+    return total, sig, el
 
 
 def _check_compatible(cfg: Config, state: dict, tok_id: str, path: Path) -> None:

@@ -306,6 +306,10 @@ class WandbSink:
         if data:
             self.run.log(data, step=step)
 
+    def on_config(self, values: dict, step: int) -> None:
+        """Facts learnt while training (e.g. compiled: false) go into the run's W&B config."""
+        self.run.config.update(values, allow_val_change=True)
+
     def on_checkpoint(self, path: Path, step: int) -> None:
         """Keep the best checkpoint so far (by validation loss at that very step) as best.pt."""
         v = self._last_val
