@@ -88,13 +88,10 @@ def cmd_train(args, extra) -> int:
     from src.training.trainer import train
 
     if os.environ.get("WORLD_SIZE", "1") == "1":
-        dev = resolve_device(args.device)  # a clear error before any data work
-        if not args.ignore_memory:
-            from src.tools.dryrun import check_memory
-
-            check_memory(cfg, dev)
+        resolve_device(args.device)  # a clear error before any data work
     res = train(cfg, data_root=paths.data_root(args.data_root), device=args.device,
-                resume=args.resume, use_wandb=not args.no_wandb)
+                resume=args.resume, use_wandb=not args.no_wandb,
+                check_memory=not args.ignore_memory)
     if args.samples and res.final_checkpoint and int(os.environ.get("RANK", "0")) == 0:
         from src.tools.sample import print_samples
 

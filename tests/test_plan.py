@@ -13,8 +13,8 @@ from src.hardware import gpu_spec
 from src.model.gpt import GPT
 from src.tools import plan as planlib
 from src.tools.cost import estimate, modal_cost_per_hour
-from src.tools.dryrun import memory_estimate_gb
 from src.training.config import load_config
+from src.training.memory import memory_estimate_gb
 
 
 def _plan(args, capsys) -> tuple[int, str, str]:

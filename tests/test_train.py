@@ -244,3 +244,27 @@ def test_continuing_from_a_checkpoint_is_exact(fast_cfg, tmp_path, optimizer):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     first = ckpt.load(tmp_path / "a/checkpoints/tiny/step_4.pt")["model_state_dict"]
     assert not all(torch.equal(first[k], wa[k]) for k in wa)  # and training did move the weights
+
+
+def test_memory_that_cannot_be_had_is_refused_wherever_training_starts(fast_cfg, tmp_path,
+                                                                        capsys, monkeypatch):
+    """train() itself refuses (the Modal containers call it directly), --dry-run says so."""
+    import yaml
+
+    import modal_app
+    from src.cli import main
+
+    huge = {"model.vocab_size": 100_000_000, "name": "huge"}
+    with pytest.raises(SLMError, match="does not fit") as e:
+        train(fast_cfg(**huge), data_root=tmp_path, use_wandb=False, log=lambda *a: None)
+    assert "GB" in str(e.value) and "--ignore-memory" in str(e.value)
+    assert not (tmp_path / "checkpoints" / "huge").exists()  # refused before any work
+    monkeypatch.setenv("SLM_DATA_ROOT", str(tmp_path))
+    out = modal_app.training_body(config_yaml=yaml.safe_dump(fast_cfg(**huge).to_dict()),
+                                  wandb=False, log=lambda *a: None)
+    assert "does not fit" in out["error"]  # returned, not raised: Modal does not retry it
+    assert main(["train", "--config", "configs/tiny.yaml", "--dry-run",
+                 "--model.vocab_size", "100000000"]) == 0
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main(["train", "--config", "configs/tiny.yaml", "--dry-run"]) == 0
+    assert "memory here:       fits" in capsys.readouterr().out

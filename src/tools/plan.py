@@ -36,8 +36,8 @@ from src.errors import SLMError
 from src.hardware import gpu_spec
 from src.model.gpt import GPT, GPTConfig
 from src.tools.cost import ASSUMED_MFU, cost_per_hour, estimate, gpu_count
-from src.tools.dryrun import device_memory_gb, memory_estimate_gb
 from src.training.config import Config, config_from_dict
+from src.training.memory import device_memory_gb, memory_estimate_gb
 
 TOKENS_PER_PARAM = 20.0  # Chinchilla's compute-optimal ratio (GPU plans)
 CPU_TOKENS_PER_PARAM = 5.0  # minutes on a CPU: the best of a 3-minute ladder here (docs/plan.md)

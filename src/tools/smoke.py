@@ -223,7 +223,7 @@ def _duration(hours: float) -> str:
 def forecast_text(cfg: Config, mfu: float | None = None, mfu_source: str | None = None) -> str:
     """Memory per GPU, tokens/s, hours and dollars of the full config on its configured GPU."""
     from src.tools.cost import estimate, gpu_count
-    from src.tools.dryrun import memory_estimate_gb
+    from src.training.memory import memory_estimate_gb
 
     kind, n = gpu_count(cfg.modal.gpu, cfg.modal.nodes)
     spec = gpu_spec(kind)

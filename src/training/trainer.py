@@ -33,6 +33,7 @@ from src.eval.lm import evaluate
 from src.model.gpt import GPT, SHAPE_KEYS
 from src.paths import RunLayout
 from src.training import distributed as dist
+from src.training import memory
 from src.training.budget import Budget
 from src.training.config import Config, config_from_dict
 from src.training.lock import RunLock
@@ -66,6 +67,7 @@ def train(
     on_checkpoint=None,
     log=print,
     cost_per_hour: float | None = None,
+    check_memory: bool = True,
 ) -> Result:
     """Train cfg to its budget; resume from the run's newest checkpoint unless told otherwise.
 
@@ -74,10 +76,12 @@ def train(
     commits its volume there). Raises Interrupted after saving on SIGTERM/SIGINT.
     cost_per_hour: USD per hour of the machines (default $SLM_COST_PER_HOUR; Modal passes the GPU
     price x GPUs): logs cost_usd, and modal.max_cost_usd then ends the run like a finished one.
+    check_memory: refuse a run whose memory estimate exceeds the device's, before any data or
+    model work (False: `--ignore-memory`, try anyway).
     """
     try:
         return _launch(cfg, RunLayout(data_root, cfg.name), device, resume, use_wandb,
-                       on_checkpoint, log, cost_per_hour)
+                       on_checkpoint, log, cost_per_hour, check_memory)
     except Interrupted:
         raise
     except Exception as e:  # under torchrun: name this rank's error in torchrun's summary
@@ -87,7 +91,8 @@ def train(
         raise err from None
 
 
-def _launch(cfg, layout, device, resume, use_wandb, on_checkpoint, log, cost_per_hour) -> Result:
+def _launch(cfg, layout, device, resume, use_wandb, on_checkpoint, log, cost_per_hour,
+            check_memory=True) -> Result:
     dist.check_launch(cfg, dist.world_size(), device)
     ctx = dist.setup(device, cfg.training.parallelism)
     dev = ctx.device if ctx.device is not None else hw.resolve_device(device)
@@ -96,6 +101,8 @@ def _launch(cfg, layout, device, resume, use_wandb, on_checkpoint, log, cost_per
         torch.set_num_threads(cfg.training.threads)
     lock = None
     try:
+        if check_memory:  # before any data or model work
+            memory.check_memory(cfg, dev, ctx.world_size)
         state, state_path = None, None
         if ctx.master:
             lock = _take_lock(layout, resume, say)
