@@ -19,7 +19,7 @@ import sys
 
 from src import paths
 from src.errors import Interrupted, SLMError, record_error
-from src.validate import arg
+from src.validate import arg, field_arg
 
 DEFAULT_CONFIG = "configs/tiny.yaml"
 DEVICES = ["auto", "cpu", "cuda", "mps"]
@@ -257,6 +257,30 @@ def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default=None, help="run name (default: the config's name)")
 
 
+def _cfg_arg(key: str):
+    """type= for a flag that sets what config key `section.name` sets: the config's own range."""
+    from src.training.config import Config
+
+    section, name = key.split(".")
+    return field_arg(Config.model_fields[section].annotation, name)
+
+
+def _sample_arg(name: str):
+    from src.model.gpt import Sampling
+
+    return field_arg(Sampling, name)
+
+
+def _sampling_args(p, **defaults) -> None:
+    """--max-new-tokens, --temperature, --top-k, --top-p and --seed, ranged by `Sampling`."""
+    from src.model.gpt import Sampling
+
+    for name in ("max_new_tokens", "temperature", "top_k", "top_p", "seed"):
+        f = Sampling.model_fields[name]
+        p.add_argument("--" + name.replace("_", "-"), type=_sample_arg(name),
+                       default=defaults.get(name), help=f.description)
+
+
 def _doc(module: str) -> str:
     import importlib
 
@@ -291,14 +315,14 @@ def _add_train(sub) -> None:
                         "exact resume), then forecast the GPU run's memory, time and cost")
     p.add_argument("--ignore-memory", action="store_true",
                    help="train even when the memory estimate exceeds the device's memory")
-    p.add_argument("--samples", type=arg(int, 0), default=0,
+    p.add_argument("--samples", type=_cfg_arg("training.num_samples"), default=0,
                    help="extra samples printed at the end (the run already ends with "
                         "training.num_samples of them)")
     p.set_defaults(fn=cmd_train)
 
     p = sub.add_parser("prepare", help="tokenize a config's data into shards")
     _config_args(p)
-    p.add_argument("--workers", type=arg(int, 0), default=None,
+    p.add_argument("--workers", type=_cfg_arg("data.num_workers"), default=None,
                    help="tokenizer processes (default data.num_workers; 0 = one per core)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="progress bar (default: when the output is a terminal)")
@@ -311,14 +335,11 @@ def _add_sample(sub) -> None:
     p.add_argument("checkpoint")
     p.add_argument("--prompt", action="append",
                    help="text to continue (repeat for several prompts; default: empty)")
-    p.add_argument("--max-new-tokens", type=arg(int, 1), default=200, help="tokens to generate")
-    p.add_argument("--temperature", type=arg(float, 0), default=0.8, help="0 = always the likeliest")
-    p.add_argument("--top-k", type=arg(int, 1), default=200, help="sample among the k likeliest tokens")
-    p.add_argument("--top-p", type=arg(float, 0, 1, lo_open=True), default=None,
-                   help="sample among the likeliest tokens holding this probability")
-    p.add_argument("--num-samples", type=arg(int, 1), default=1, help="samples per prompt")
-    p.add_argument("--batch-size", type=arg(int, 1), default=8, help="samples generated together")
-    p.add_argument("--seed", type=arg(int, 0, 2**63 - 1), default=None, help="makes the samples repeatable")
+    _sampling_args(p, max_new_tokens=200, temperature=0.8, top_k=200)
+    p.add_argument("--num-samples", type=_sample_arg("samples"), default=1,
+                   help="samples per prompt")
+    p.add_argument("--batch-size", type=_sample_arg("batch_size"), default=8,
+                   help="samples generated together")
     p.add_argument("--stop", action="append", help="end a sample before this string (repeatable)")
     p.add_argument("--ignore-eot", action="store_true",
                    help="keep generating past the end-of-text token")
@@ -334,15 +355,7 @@ def _add_chat(sub) -> None:
     p.add_argument("checkpoint",
                    help="a models/<name>_final.pt, step_N.pt or .safetensors export")
     p.add_argument("--system", default=None, help="system message opening the conversation")
-    p.add_argument("--max-new-tokens", type=int, default=256,
-                   help="longest reply in tokens (default 256; at most half the context)")
-    p.add_argument("--temperature", type=float, default=0.7,
-                   help="0 = always the likeliest (default 0.7)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest (default "
-                   "50; 0 = all)")
-    p.add_argument("--top-p", type=float, default=None,
-                   help="sample among the likeliest tokens holding this probability")
-    p.add_argument("--seed", type=int, default=None, help="makes the replies repeatable")
+    _sampling_args(p, max_new_tokens=256, temperature=0.7, top_k=50)
     p.add_argument("--device", default="auto", choices=DEVICES,
                    help="auto: cuda, then mps, then cpu (as train)")
     p.set_defaults(fn=cmd_chat)
@@ -359,15 +372,17 @@ def _add_eval(sub) -> None:
                    help="evaluate the validation split (default) or every document of the source")
     p.add_argument("--eval-tokens", type=arg(int, 0), default=None,
                    help="tokens to score (default: the run's training.eval_tokens; 0 = all)")
-    p.add_argument("--batch-size", type=arg(int, 1), default=None, help="windows per forward pass")
-    p.add_argument("--seq-len", type=arg(int, 1), default=None, help="window length (default: the run's)")
+    p.add_argument("--batch-size", type=_cfg_arg("training.batch_size"), default=None,
+                   help="windows per forward pass")
+    p.add_argument("--seq-len", type=_cfg_arg("training.seq_len"), default=None,
+                   help="window length (default: the run's)")
     p.add_argument("--no-loss", action="store_true", help="skip the loss / bits-per-byte part")
     hs = p.add_mutually_exclusive_group()
     hs.add_argument("--hellaswag", action="store_true",
                     help="run HellaSwag, downloading the validation file once if needed")
     hs.add_argument("--no-hellaswag", action="store_true", help="skip HellaSwag even if cached")
     p.add_argument("--hellaswag-file", default=None, help="a local hellaswag_val.jsonl")
-    p.add_argument("--hellaswag-limit", type=arg(int, 1), default=None,
+    p.add_argument("--hellaswag-limit", type=_cfg_arg("training.hellaswag_examples"), default=None,
                    help="score only the first N examples (the full set is 10,042)")
     p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -439,7 +454,7 @@ def _add_plan(sub) -> None:
                        description=_doc("src.tools.plan"),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     b = p.add_argument_group("the budget (give one)")
-    b.add_argument("--budget", type=arg(float, 0, lo_open=True), default=None,
+    b.add_argument("--budget", type=_cfg_arg("modal.max_cost_usd"), default=None,
                    help="US dollars on Modal (GPU, CPU and memory, as `slm cost` counts them)")
     b.add_argument("--hours", type=arg(float, 0, lo_open=True), default=None,
                    help="hours of training")
@@ -496,16 +511,16 @@ def _add_serve(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; another "
                         "address needs an API key or --insecure)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=arg(int, 1, 65535), default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 requests (default: the "
                         "SLM_API_KEY environment variable, which keeps the key out of ps)")
     p.add_argument("--insecure", action="store_true",
                    help="allow a non-loopback --host without an API key")
     p.add_argument("--device", default="auto", choices=DEVICES)
-    p.add_argument("--max-batch", type=int, default=16,
+    p.add_argument("--max-batch", type=_sample_arg("batch_size"), default=16,
                    help="sequences generated together at most (default 16)")
-    p.add_argument("--max-tokens", type=int, default=None,
+    p.add_argument("--max-tokens", type=_sample_arg("max_new_tokens"), default=None,
                    help="the largest max_tokens a request may ask for (default: the context)")
     p.set_defaults(fn=cmd_serve)
 

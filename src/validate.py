@@ -57,6 +57,33 @@ def arg(kind, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False):
     return parse
 
 
+def field_arg(model_cls, name: str):
+    """An argparse `type=` for a flag that sets the pydantic field `name` of model_cls (a config
+    section, or `Sampling`): the field's own type and range, checked like every other number."""
+    import typing
+
+    f = model_cls.model_fields[name]
+    kinds = [k for k in (typing.get_args(f.annotation) or (f.annotation,)) if k in (int, float)]
+    lo = hi = None
+    lo_open = hi_open = False
+    for m in f.metadata:  # pydantic keeps Field(ge=1) as annotated_types.Ge(ge=1)
+        lo, lo_open = (m.ge, False) if hasattr(m, "ge") else (m.gt, True) if hasattr(m, "gt") \
+            else (lo, lo_open)
+        hi, hi_open = (m.le, False) if hasattr(m, "le") else (m.lt, True) if hasattr(m, "lt") \
+            else (hi, hi_open)
+    return arg(kinds[0], lo, hi, lo_open, hi_open)
+
+
+def field_value(model_cls, name: str, text: str, flag: str):
+    """text parsed and checked as field_arg does; SLMError naming `flag` when it is refused."""
+    import argparse
+
+    try:
+        return field_arg(model_cls, name)(text)
+    except argparse.ArgumentTypeError as e:
+        raise SLMError(f"{flag} {e}") from None
+
+
 def name_max(folder: Path) -> int:
     try:
         return os.pathconf(folder, "PC_NAME_MAX")

@@ -213,7 +213,7 @@ CASES = [
     # --- 4. numbers are validated, not clamped
     *[(f"sample {flag} {v}", lambda e, flag=flag, v=v: ["sample", e["model"], flag, v], [flag])
       for flag, v in [("--temperature", "nan"), ("--temperature", "-0.5"),
-                      ("--temperature", "inf"), ("--top-k", "-5"), ("--top-k", "0"),
+                      ("--temperature", "inf"), ("--top-k", "-5"), ("--top-k", "-1"),
                       ("--top-k", "many"), ("--top-p", "0"), ("--top-p", "1.5"),
                       ("--top-p", "nan"), ("--top-p", "-0.1"), ("--max-new-tokens", "-3"),
                       ("--max-new-tokens", "0"), ("--num-samples", "0"),
@@ -232,6 +232,13 @@ CASES = [
     *[(f"serve {flag} {v}", lambda e, flag=flag, v=v: ["serve", e["model"], flag, v], [flag])
       for flag, v in [("--port", "0"), ("--port", "70000"), ("--max-batch", "0"),
                       ("--max-tokens", "-1")]],
+    *[(f"chat {flag} {v}", lambda e, flag=flag, v=v: ["chat", e["model"], flag, v], [flag])
+      for flag, v in [("--temperature", "nan"), ("--temperature", "-1"), ("--top-p", "0"),
+                      ("--top-p", "2"), ("--top-k", "-1"), ("--max-new-tokens", "0"),
+                      ("--seed", "-1")]],
+    *[(f"plan {flag} {v}", lambda e, flag=flag, v=v: ["plan", "--gpu", "H100", flag, v], [flag])
+      for flag, v in [("--budget", "-5"), ("--budget", "0"), ("--hours", "inf"),
+                      ("--flops", "nan"), ("--pick", "0"), ("--tokens-per-param", "-1")]],
     ("train --samples -1", lambda e: ["train", "--samples", "-1"], ["--samples"]),
     ("prepare --workers -2", lambda e: ["prepare", "--workers", "-2"], ["--workers"]),
     # --- 5. memory that cannot be had is refused before allocating

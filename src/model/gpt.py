@@ -23,6 +23,20 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
+class Sampling(BaseModel):
+    """How generated tokens are drawn: the one set of ranges that `slm sample` and `slm chat`
+    check their flags (and chat its /commands) against."""
+
+    max_new_tokens: int = Field(200, ge=1, description="tokens to generate")
+    temperature: float = Field(0.8, ge=0, description="0 = always the likeliest token")
+    top_k: int | None = Field(None, ge=0, description="keep the k likeliest tokens (0 = all)")
+    top_p: float | None = Field(None, gt=0, le=1, description="keep the likeliest tokens that "
+                                "hold this probability")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="makes the samples repeatable")
+    samples: int = Field(1, ge=1, description="samples per prompt")
+    batch_size: int = Field(8, ge=1, description="samples generated together")
+
+
 class GPTConfig(BaseModel):
     """The model's shape. Also the `model:` section of a training config."""
 

@@ -22,7 +22,8 @@ import torch
 
 from src.data.chat import generation_prompt, render, turn
 from src.errors import SLMError
-from src.model.gpt import KVCache, sample_next
+from src.model.gpt import KVCache, Sampling, sample_next
+from src.validate import field_value
 
 HELP = """commands:
   /reset             forget the conversation (the system message stays)
@@ -134,17 +135,18 @@ def command(chat: Chat, line: str, say) -> bool:
             chat.reset()
             say(f"(system message {'set' if arg else 'removed'}; conversation reset)")
         elif name in ("temperature", "temp"):
-            chat.temperature = float(arg)
+            chat.temperature = field_value(Sampling, "temperature", arg, f"/{name}")
         elif name in ("top_k", "top-k"):
-            chat.top_k = int(arg)
+            chat.top_k = field_value(Sampling, "top_k", arg, f"/{name}")
         elif name in ("top_p", "top-p"):
-            chat.top_p = float(arg) if float(arg) < 1 else None
+            p = field_value(Sampling, "top_p", arg, f"/{name}")
+            chat.top_p = p if p < 1 else None
         elif name == "help":
             say(HELP)
         else:
             say(f"unknown command /{name}; /help lists them")
-    except ValueError:
-        say(f"/{name}: needs a number, e.g. /{name} 0.7")
+    except SLMError as e:  # the same ranges as the command-line flags
+        say(f"{e}; e.g. /{name} 0.7")
     return True
 
 

@@ -397,12 +397,7 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, api_key: str | 
     import uvicorn
 
     api_key = api_key if api_key is not None else os.environ.get(KEY_ENV) or None
-    check_access(host, api_key, insecure)
-    for flag, value, top in (("--port", port, 65535), ("--max-batch", max_batch, None),
-                             ("--max-tokens", 1 if max_tokens is None else max_tokens, None)):
-        if value < 1 or (top and value > top):
-            raise SLMError(f"{flag} {value} is out of range: give "
-                           + (f"1 to {top}" if top else "at least 1"))
+    check_access(host, api_key, insecure)  # (the numbers were ranged by the flags' parsers)
     if not Path(checkpoint).is_file():
         raise SLMError(f"{checkpoint} does not exist: give a model file (models/<name>_final.pt) "
                        "or a checkpoint")
