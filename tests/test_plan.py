@@ -171,3 +171,21 @@ def test_the_written_config_is_plain_yaml_without_a_name(tmp_path, capsys):
     raw = yaml.safe_load(out_file.read_text())
     assert "name" not in raw and raw["model"]["n_layer"] >= 2
     assert load_config(out_file).name == "run42"
+
+
+def test_the_base_configs_container_settings_do_not_change_the_price(tmp_path, capsys):
+    out_file = tmp_path / "p.yaml"
+    rc, _, err = _plan(["--budget", "20", "--gpu", "H100", "--modal.nodes", "2", "--modal.gpu",
+                        "H100:8", "--modal.cpu", "64", "-o", str(out_file)], capsys)
+    assert rc == 0, err
+    cfg = load_config(out_file)
+    assert (cfg.modal.nodes, cfg.modal.gpu, cfg.modal.cpu) == (1, "H100", None)
+    assert estimate(cfg).cost_usd == pytest.approx(20, rel=0.05)
+
+
+def test_a_budget_beyond_the_largest_shape_says_so():
+    base = load_config(planlib.DEFAULT_BASE["gpu"])
+    best = planlib.plan(planlib.target_for({"flops": 1e23}, "H100:8", None, None), base,
+                        log=lambda m: None)[0]
+    assert best.label == "largest on the ladder" and best.cfg.model.n_layer == planlib.MAX_DEPTH
+    assert any("beyond slm's largest shape" in n for n in best.notes)

@@ -359,15 +359,27 @@ def plan(target: Target, base: Config, log=print) -> list[Option]:
     else:
         have = device_memory_gb("cpu") or 8.0
         log(f"timing a few steps of each size on this machine ({CPU_PROBE_SECONDS:g} s each):")
+    # one container of the planned GPUs, reserving the GPU table's CPU and memory
+    base = _with(base, modal={"nodes": 1, "cpu": None, "memory": None})
     rows = _ladder(base, target, have, log)
     if not rows:
         raise SLMError(f"{target.what} is too small for any model: the smallest "
                        f"({shape(1 if target.gpu is None else 2)['n_layer']} layer(s)) would see "
                        f"fewer tokens than it has parameters; raise the budget")
-    options = [_option(label, row, target, base.name) for label, row in _choose(rows, target.tokens_per_param)]
-    if options[0].cfg.training.max_steps < MIN_PLAN_STEPS and target.gpu:
+    options = [_option(label, row, target, base.name)
+               for label, row in _choose(rows, target.tokens_per_param)]
+    best = options[0]
+    if target.gpu and (best.cfg.training.max_steps < MIN_PLAN_STEPS
+                       or best.seconds < MIN_GPU_SECONDS):
         raise SLMError(f"{target.what} is too small for any model: it buys "
-                       f"{options[0].cfg.training.max_steps} optimizer steps; raise the budget")
+                       f"{best.cfg.training.max_steps} optimizer steps in {best.seconds:.0f} s of "
+                       f"{target.gpu}; a plan needs at least {MIN_PLAN_STEPS} steps and "
+                       f"{MIN_GPU_SECONDS} s")
+    if best.tokens_per_param > 2 * target.tokens_per_param and rows[-1][0] == MAX_DEPTH:
+        best.label = "largest on the ladder"
+        best.notes.append(f"the compute-optimal size is beyond slm's largest shape ({MAX_DEPTH} "
+                          f"layers x {shape(MAX_DEPTH)['n_embd']}): this budget is better spent "
+                          "on several runs, or a model family built for that scale")
     return options
 
 
@@ -432,7 +444,7 @@ def _dur(s: float) -> str:
 
 
 def _num(x: float) -> str:
-    for unit, v in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+    for unit, v in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= v:
             return f"{x / v:.3g}{unit}"
     return f"{x:.3g}"
