@@ -361,3 +361,41 @@ def _umask() -> int:
     m = os.umask(0)
     os.umask(m)
     return m
+
+
+@pytest.fixture
+def unwritable(tmp_path):
+    """A folder nobody may create files in: mode 0555, or for root (whom modes do not stop, and
+    tests run as root in CI) the immutable attribute; skipped where neither can be had."""
+    import os
+    import shutil
+    import subprocess
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0:
+        ro.chmod(0o555)
+        yield ro
+        ro.chmod(0o755)
+        return
+    chattr = shutil.which("chattr")
+    if not chattr or subprocess.run([chattr, "+i", ro], capture_output=True).returncode:
+        pytest.skip("root here cannot make a folder unwritable (no chattr +i)")
+    try:
+        yield ro
+    finally:
+        subprocess.run([chattr, "-i", ro], capture_output=True)
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["prepare", "--data-root", "{ro}/root"], "--data-root"),
+    (["train", "--data-root", "{ro}/root", "--no-wandb"], "--data-root"),
+    (["plan", "--budget", "5", "--gpu", "T4", "-o", "{ro}/plan.yaml"], "-o"),
+    (["plot", "nosuchrun", "--data-root", "{ro}", "-o", "{ro}/curves.png"], "-o"),
+])
+def test_an_unwritable_folder_is_one_error_line_before_any_work(args, flag, unwritable, capsys):
+    assert main([a.format(ro=unwritable) for a in args]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "not writable" in lines[0]
+    assert flag in lines[0], lines[0]
+    assert list(unwritable.iterdir()) == []  # nothing was written
