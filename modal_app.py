@@ -520,8 +520,9 @@ def torchrun_command(config_file, gpus: int, root, wandb: bool = True, nodes: in
 
 
 def _newest(run_dir: Path) -> float:
-    files = list(run_dir.glob("*.pt")) if run_dir.is_dir() else []
-    return max((f.stat().st_mtime for f in files), default=0.0)
+    """The newest checkpoint file of the run, FSDP's optimizer shards (<step>.optim/) included."""
+    files = [*run_dir.glob("*.pt"), *run_dir.glob("*.optim/*")] if run_dir.is_dir() else []
+    return max((f.stat().st_mtime for f in files if f.is_file()), default=0.0)
 
 
 def first_error(path: Path) -> str:
@@ -553,11 +554,10 @@ def _run_torchrun(raw, cfg, root, gpus, wandb, rate, seconds, log, nodes=1, node
                 proc.wait(timeout=COMMIT_POLL_S)
             except subprocess.TimeoutExpired:
                 pass
-            if node_rank == 0 and (newest := _newest(run_dir)) > seen:
-                commit_volume(log)  # the workers cannot commit; this process can
+            if (newest := _newest(run_dir)) > seen:  # every node: FSDP shards are written
+                commit_volume(log)  # on every node; the workers cannot commit, this process can
                 seen = newest
-    if node_rank == 0:
-        commit_volume(log)
+    commit_volume(log)
     if proc.returncode != 0 and not deadline.fired and (err := first_error(errors)):
         return {"name": cfg.name, "error": err}  # returned, not raised: Modal does not retry it
     if proc.returncode != 0:

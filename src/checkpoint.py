@@ -7,6 +7,7 @@ A checkpoint is a dict of tensors and plain values only, loaded with
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import time
 import zipfile
@@ -137,7 +138,62 @@ def check_resumable(state: dict, path: str | Path) -> dict:
             "file, or a checkpoint written by another tool); resume from checkpoints/<name>/"
             "step_N.pt or final.pt, or start over with --resume never"
         )
+    osd = state["optimizer_state_dict"]
+    if isinstance(osd, dict) and "sharded" in osd:
+        _check_shards(Path(path), osd["sharded"])
     return state
+
+
+# What a torch.distributed.checkpoint .metadata pickle may name: its own dataclasses, torch's
+# dtypes, layouts (by name), memory formats and Size, and a path. Anything else (os.system, ...)
+# is refused before torch unpickles it.
+_TORCH_NAMES = {"Size", "strided", "sparse_coo", "contiguous_format", "channels_last",
+                "preserve_format", "float32", "float16", "bfloat16", "float64", "int64",
+                "int32", "int16", "int8", "uint8", "bool", "complex64"}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module.startswith("torch.distributed.checkpoint.") or (
+                module == "torch" and name in _TORCH_NAMES) or (
+                module == "collections" and name == "OrderedDict") or (
+                module == "builtins" and name in ("set", "frozenset", "slice")) or (
+                module == "pathlib" and name in ("PosixPath", "PurePosixPath")) or (
+                module == "torch.serialization" and name == "_get_layout"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused {module}.{name}")
+
+
+def _vet_metadata(path: Path) -> None:
+    with open(path, "rb") as f:
+        _MetadataUnpickler(f).load()
+
+
+def _check_shards(path: Path, name) -> None:
+    """An FSDP checkpoint's optimizer shards (torch.distributed.checkpoint) are all there, in a
+    folder beside it."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    ok_name = isinstance(name, str) and name not in ("", ".", "..") and "/" not in name \
+        and "\\" not in name
+    folder = path.parent / (name if ok_name else "?")
+    why = None
+    if not ok_name:
+        why = f"named {name!r}, not a folder beside it"
+    elif not (folder / ".metadata").is_file():
+        why = "missing"
+    else:
+        try:
+            _vet_metadata(folder / ".metadata")  # torch reads it with pickle: no code may run
+            meta = FileSystemReader(str(folder)).read_metadata()
+            files = {info.relative_path for info in (meta.storage_data or {}).values()}
+            lost = sorted(f for f in files if not (folder / f).is_file())
+            why = f"missing {', '.join(lost[:3])}" if lost else None
+        except Exception as e:  # a damaged .metadata
+            why = f"unreadable ({type(e).__name__})"
+    if why:
+        raise SLMError(f"{path}: its optimizer shards {folder} are {why}; resume from an earlier "
+                       "checkpoint (--resume PATH) or start over (--resume never)")
 
 
 def load_weights(module, state_dict: dict, path: str | Path) -> None:
@@ -193,8 +249,12 @@ def remove_partial(folder: str | Path, pattern: str = "*.pt") -> list[Path]:
 
 
 def prune(run_dir: str | Path, keep_last: int) -> None:
+    """Keep the newest keep_last step_N.pt (with their optimizer shards, step_N.optim/)."""
+    import shutil
+
     for _, p in step_files(run_dir)[:-keep_last]:
         p.unlink(missing_ok=True)
+        shutil.rmtree(p.with_suffix(".optim"), ignore_errors=True)
 
 
 def move_aside(run_dir: Path, model_files=()) -> Path | None:

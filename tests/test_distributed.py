@@ -191,3 +191,45 @@ def test_resume_with_another_global_batch_is_refused(single):
     with pytest.raises(SLMError, match=r"256 tokens per optimizer step.*gives 128.*batch_tokens: 256"):
         train(cfg, data_root=root, device="cpu", resume=str(ref.run_dir / "step_2.pt"),
               use_wandb=False, log=lambda *a: None)
+
+
+def test_fsdp_writes_optimizer_shards_that_are_checked_before_use(corpus, single, tmp_path):
+    """Under FSDP no rank gathers the optimizer: each writes its shard beside the checkpoint.
+    Old shards go with their checkpoints; missing or crafted shards are refused, never read."""
+    import pickle
+    import shutil
+
+    from src import checkpoint as ckpt
+    from src.errors import SLMError
+
+    root, _ = single
+    p = launch(corpus, root, "shards", 2, 2, "--training.parallelism", "fsdp",
+               "--training.keep_last", "1", "--training.max_steps", "6")
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    run = root / "checkpoints" / "shards"
+    step = torch.load(run / "step_4.pt", weights_only=True)
+    assert step["optimizer_state_dict"] == {"sharded": "step_4.optim"}
+    assert sorted(f.name for f in (run / "step_4.optim").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert not (run / "step_2.optim").exists()  # pruned with step_2.pt (keep_last 1)
+    assert (run / "final.optim" / ".metadata").is_file()
+
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    (bad / "final.optim" / "__1_0.distcp").unlink()  # a lost shard: the previous checkpoint
+    found = ckpt.find_resumable(bad, log=lambda m: None)
+    assert found and found[0].name == "step_4.pt"
+
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (bad / "step_4.optim" / ".metadata").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(SLMError, match="optimizer shards .* are unreadable"):
+        ckpt.check_resumable(torch.load(bad / "step_4.pt", weights_only=True), bad / "step_4.pt")
+    assert ckpt.find_resumable(bad, log=lambda m: None) is None and not marker.exists()
+    crafted = {**step, "optimizer_state_dict": {"sharded": "../../etc"}}
+    with pytest.raises(SLMError, match="not a folder beside it"):
+        ckpt.check_resumable(crafted, bad / "step_4.pt")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as td
@@ -217,8 +218,58 @@ def clip_grad_norm(model, max_norm: float, ctx: Context) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-# Checkpoints always hold the full state in the plain format of a single-process model and
-# optimizer (parameter names of the unwrapped GPT; optimizer state keyed by parameter index).
+# Checkpoints hold the full model state in the plain format of a single-process model (parameter
+# names of the unwrapped GPT), so step_N.pt and final.pt always have a usable model_state_dict.
+# The optimizer state is full too (keyed by parameter index, torch.optim's format), except under
+# FSDP: there each rank writes its own shard beside the checkpoint (torch.distributed.checkpoint,
+# <checkpoint>.optim/), so no rank ever holds the whole optimizer, and any number of ranks, one
+# included, can load it (the shards are re-cut on load).
+
+SHARDED = "sharded"  # optimizer_state_dict of an FSDP checkpoint: {"sharded": "<folder name>"}
+
+
+def optim_folder(path: Path) -> Path:
+    """Where the optimizer shards of checkpoint `path` live: step_8.pt -> step_8.optim/."""
+    return path.with_suffix(".optim")
+
+
+def save_sharded_optimizer(model, optimizer, path: Path, ctx: Context) -> dict:
+    """Every rank writes its shard of the optimizer state beside checkpoint `path` (into a
+    temporary folder renamed when all are done); returns the marker the checkpoint records."""
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    folder = optim_folder(path)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if ctx.master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=tmp)
+    barrier()
+    if ctx.master:
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    return {SHARDED: folder.name}
+
+
+def load_sharded_optimizer(model, optimizer, marker: dict, path: Path) -> None:
+    """Load the optimizer shards written beside checkpoint `path` into this rank's optimizer,
+    whatever the world size then and now (under FSDP or not)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    folder = path.parent / marker[SHARDED]  # (checked complete when the checkpoint was chosen)
+    for g in optimizer.param_groups:  # keys set while training (set_lr's initial_lr) are only
+        g.setdefault("initial_lr", g["lr"])  # loaded when the template has them
+    state = {"optimizer": get_optimizer_state_dict(model, optimizer)}  # the shapes to fill
+    dcp.load(state, checkpoint_id=folder)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def _full_options():

@@ -320,9 +320,11 @@ class Trainer:
         return torch.bfloat16 if self.amp == torch.bfloat16 else None
 
     def _restore(self, state: dict, state_path: Path) -> None:
-        if self.ctx.sharded:
-            dist.load_optimizer_state(self.model, self.optimizer, state["optimizer_state_dict"],
-                                      self.ctx)
+        osd = state["optimizer_state_dict"]
+        if dist.SHARDED in osd:  # written under FSDP: shards beside the checkpoint
+            dist.load_sharded_optimizer(self.model, self.optimizer, osd, Path(state_path))
+        elif self.ctx.sharded:
+            dist.load_optimizer_state(self.model, self.optimizer, osd, self.ctx)
         else:
             ckpt.load_weights(self.optimizer, state["optimizer_state_dict"], state_path)
         self.loader.load_state_dict(state["loader"])
@@ -645,9 +647,12 @@ class Trainer:
     def save(self, path: Path, final: bool = False) -> dict | None:
         """Write a checkpoint (every rank calls: FSDP gathers the full state to rank 0)."""
         self.s.elapsed = self.budget.elapsed()
+        model = dist.model_state(self.model, self.ctx)  # first: FSDP reshards its parameters
+        optimizer = (dist.save_sharded_optimizer(self.model, self.optimizer, path, self.ctx)
+                     if self.ctx.sharded else dist.optimizer_state(self.model, self.optimizer,
+                                                                   self.ctx))
         st = checkpoint_dict(
-            self.s, model=dist.model_state(self.model, self.ctx),
-            optimizer=dist.optimizer_state(self.model, self.optimizer, self.ctx),
+            self.s, model=model, optimizer=optimizer,
             scaler=self.scaler.state_dict() if self.scaler is not None else None,
             loader=self.loader.state_dict(), rng=rng_state(self.dev), config=self.cfg.to_dict(),
             tok=self.tok, world=self.world, parallelism=self.t.parallelism,
