@@ -37,7 +37,7 @@ from src.hardware import gpu_spec
 from src.model.gpt import GPT, GPTConfig
 from src.tools.cost import ASSUMED_MFU, cost_per_hour, estimate, gpu_count
 from src.training.config import Config, config_from_dict
-from src.training.memory import device_memory_gb, memory_estimate_gb
+from src.training.memory import MEMORY_SHARE, device_memory_gb, memory_estimate_gb
 
 TOKENS_PER_PARAM = 20.0  # Chinchilla's compute-optimal ratio (GPU plans)
 CPU_TOKENS_PER_PARAM = 5.0  # minutes on a CPU: the best of a 3-minute ladder here (docs/plan.md)
@@ -47,12 +47,12 @@ MIN_STEPS = 500  # the batch is capped so that a run takes at least this many op
 MIN_PLAN_STEPS = 50  # a budget that buys fewer steps than this is too small for any model
 CHECKPOINT_MINUTES = 25.0
 EVALS_PER_CHECKPOINT = 5
-MEMORY_SHARE = 0.9  # a plan uses at most this share of the device's memory
 MAX_DEPTH = 64
 MIN_GPU_SECONDS = 60  # less GPU time than this is not a training run (start-up takes longer)
 MODAL_LIMIT_S = 86400  # Modal's longest timeout per attempt
 PREEMPTION_RETRIES = 3  # retries on top of the attempts the 24-hour limit needs
 CPU_PROBE_SECONDS = 1.0  # timed seconds per size on this machine
+BYTES_PER_TOKEN = 4.0  # English text with GPT-2's tokenizer; smaller vocabularies make more
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_BASE = {"cpu": CONFIGS / "tiny.yaml", "gpu": CONFIGS / "gpt_124m.yaml"}
 
@@ -429,9 +429,6 @@ def data_note(cfg: Config, tokens: int, data_root: str | Path = "data") -> str:
     return (f"WARNING data: {d.source} has about {have:,} tokens ({how}) but the plan needs "
             f"{tokens:,}: {epochs:.1f} epochs, so the model sees text repeated; point data.source "
             "at more text or pick a smaller option")
-
-
-BYTES_PER_TOKEN = 4.0  # English text with GPT-2's tokenizer; smaller vocabularies make more
 
 
 # ----------------------------------------------------------------------------- output

@@ -27,6 +27,7 @@ from src.hardware import GPUS, gpu_spec
 from src.model.gpt import GPT
 from src.paths import RunLayout
 from src.training.config import FIXED_VOCAB, Config, config_from_dict
+from src.training.memory import MEMORY_SHARE, memory_estimate_gb
 from src.training.metrics import peak_rss_gb, read_metrics
 
 SMOKE_PARAMS = 100_000_000  # most parameters rehearsed: ~16 B each (weights, grads, AdamW)
@@ -206,9 +207,9 @@ def _full_model(cfg: Config) -> GPT:
 
 
 def _memory_advice(cfg: Config, need: float, have: float) -> str:
-    if need <= have * 0.9:
+    if need <= have * MEMORY_SHARE:
         return f"fits ({need / have:.0%} of {have:.0f} GB)"
-    bigger = [g.name for g in GPUS.values() if g.memory_gb * 0.9 >= need]
+    bigger = [g.name for g in GPUS.values() if g.memory_gb * MEMORY_SHARE >= need]
     t = cfg.training
     return (f"does NOT fit in {have:.0f} GB: lower training.batch_size (raise "
             f"gradient_accumulation_steps to keep the batch; now {t.batch_size}), set "
@@ -223,7 +224,6 @@ def _duration(hours: float) -> str:
 def forecast_text(cfg: Config, mfu: float | None = None, mfu_source: str | None = None) -> str:
     """Memory per GPU, tokens/s, hours and dollars of the full config on its configured GPU."""
     from src.tools.cost import estimate, gpu_count
-    from src.training.memory import memory_estimate_gb
 
     kind, n = gpu_count(cfg.modal.gpu, cfg.modal.nodes)
     spec = gpu_spec(kind)

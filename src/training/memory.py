@@ -16,6 +16,8 @@ import torch
 from src.errors import SLMError
 from src.model.gpt import GPT
 
+MEMORY_SHARE = 0.9  # a plan or forecast counts on this share of a device's memory at most
+
 
 def memory_estimate_gb(model: GPT, cfg, world: int = 1) -> dict:
     """Rough per-GPU memory: weights + grads + AdamW moments in fp32, plus activations."""
