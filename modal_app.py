@@ -475,17 +475,15 @@ def summary(cfg, root: Path, res=None) -> dict:
 def write_result(root, name: str, out: dict | None, log=print) -> None:
     """checkpoints/<name>/result.json: how the run ended (None: remove it, a new attempt
     started), committed at once so `slm status` and a sweep's table see it from anywhere."""
-    from src.paths import RunLayout
+    from src.paths import RunLayout, write_json
 
     path = RunLayout(root, name).result
     if out is None:
         path.unlink(missing_ok=True)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({k: v for k, v in out.items()
-                               if isinstance(v, (str, int, float, bool, type(None)))}, indent=1))
-    os.replace(tmp, path)
+    write_json(path, {k: v for k, v in out.items()
+                      if isinstance(v, (str, int, float, bool, type(None)))})
     commit_volume(log)
 
 

@@ -102,6 +102,17 @@ class RunLayout:
         return self.root / "datasets"
 
 
+def write_json(path: str | Path, obj) -> Path:
+    """Write JSON to a temporary name, then rename: readers see the old file or the new one."""
+    import json
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
 def sweep_record(root: str | Path, group: str) -> Path:
     """sweeps/<group>.json: a sweep's points (names and values), written before they start."""
     return Path(root) / "sweeps" / f"{group}.json"

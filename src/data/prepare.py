@@ -43,6 +43,7 @@ from src.data import tokenizer as toklib
 from src.data.shards import ShardWriter, open_shard, read_header
 from src.data.workers import Progress, tokenized, workers
 from src.errors import SLMError
+from src.paths import write_json
 
 FORMAT = 2
 MIN_DOCS_FOR_SPLIT = 20  # fewer documents than this: split each document's tail instead
@@ -116,12 +117,6 @@ def num_workers(data_cfg, log=None) -> int:
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- documents -> items
@@ -323,7 +318,7 @@ def plan(cfg, data_root: str | Path, log=print) -> list[dict]:
         tok = build_tokenizer(d, parts)
         tok.save(tok_path)
         log(f"tokenizer: {tok.kind}, vocab {tok.vocab_size:,} ({time.time() - t1:.1f} s)")
-    _write_json(out / "plan.json", {"parts": parts, "source": info, "val_source": vinfo,
+    write_json(out / "plan.json", {"parts": parts, "source": info, "val_source": vinfo,
                                     "tokenizer": tok.id, "seconds": round(time.time() - t0, 2)})
     return parts
 
@@ -465,7 +460,7 @@ def _run_part(cfg, out: Path, part: dict, tok, pool, n: int, bar: Progress, log)
                 writers[split].add(idx, toks, nchars, int(nbytes[k]), end_doc, int(audit[k]))
             if any(w.changed for w in writers.values()):
                 state = {"tokenizer": tok.id} | {s: w.resume for s, w in writers.items()}
-                _write_json(progress_path, state)
+                write_json(progress_path, state)
                 for w in writers.values():
                     w.changed = False
             bar.update(int(nbytes.sum()), sum(m[3] for m in meta), int(lens.sum()))
@@ -478,7 +473,7 @@ def _run_part(cfg, out: Path, part: dict, tok, pool, n: int, bar: Progress, log)
     result = {"index": i, "shards": writers["train"].shards + writers["val"].shards,
               "train": writers["train"].stats, "val": writers["val"].stats,
               "seconds": round(time.time() - t0, 2)}
-    _write_json(result_path, result)
+    write_json(result_path, result)
     progress_path.unlink(missing_ok=True)
     return result
 
@@ -557,7 +552,7 @@ def finalize(cfg, data_root: str | Path, results: list[dict], log=print) -> Data
         "val": stats["val"],
         "seconds": {"plan": p["seconds"], "tokenize": round(sum(r["seconds"] for r in ordered), 2)},
     }
-    _write_json(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest)
     st, sv = stats["train"], stats["val"]
     log(
         f"prepared {st['documents']:,} train / {sv['documents']:,} val documents: "

@@ -104,9 +104,7 @@ def measured_mfu(metrics_path: str | Path) -> float:
 
 
 def _flops_per_token(cfg) -> float:
-    mcfg = cfg.model
-    if mcfg.vocab_size is None:  # char tokenizer: known after preparation; 256 is close enough
-        mcfg = mcfg.model_copy(update={"vocab_size": 256})
+    mcfg = cfg.model.model_copy(update={"vocab_size": cfg.model_vocab})  # char: 256 until known
     return _model_flops(mcfg.model_dump_json(), cfg.seq_len)
 
 

@@ -12,9 +12,7 @@ point's; re-running the same sweep resumes each point.
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -104,16 +102,13 @@ def check_group(group: str) -> str:
 def write_record(root, group: str, base: str, points: list[Point]) -> Path:
     """sweeps/<group>.json on the data root: the points, before any of them starts, so the table
     can be built from the volume whatever happens to the process that launched them."""
-    from src.paths import sweep_record
+    from src.paths import sweep_record, write_json
 
     path = sweep_record(root, group)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rec = {"group": group, "base": base, "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-           "points": [{"name": p.name, "values": p.values} for p in points]}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_json(path, {"group": group, "base": base,
+                             "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                             "points": [{"name": p.name, "values": p.values} for p in points]})
 
 
 def format_table(rows: list[dict]) -> str:

@@ -326,7 +326,7 @@ class Trainer:
         elif self.ctx.sharded:
             dist.load_optimizer_state(self.model, self.optimizer, osd, self.ctx)
         else:
-            ckpt.load_weights(self.optimizer, state["optimizer_state_dict"], state_path)
+            ckpt.load_weights(self.optimizer, osd, state_path)
         self.loader.load_state_dict(state["loader"])
         self.s = TrainState.from_checkpoint(state)
         set_rng_state(state["rng"], self.dev)
@@ -645,7 +645,8 @@ class Trainer:
         return out
 
     def save(self, path: Path, final: bool = False) -> dict | None:
-        """Write a checkpoint (every rank calls: FSDP gathers the full state to rank 0)."""
+        """Write a checkpoint (every rank calls: FSDP gathers the model to rank 0, and each rank
+        writes its own shard of the optimizer state beside the checkpoint)."""
         self.s.elapsed = self.budget.elapsed()
         model = dist.model_state(self.model, self.ctx)  # first: FSDP reshards its parameters
         optimizer = (dist.save_sharded_optimizer(self.model, self.optimizer, path, self.ctx)
