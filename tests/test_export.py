@@ -121,6 +121,8 @@ def test_modern_options_export_to_the_matching_architecture(tmp_path, opts, arch
     (dict(pos_emb="rope"), "model.norm: layernorm, model.mlp: gelu"),
     (dict(qk_norm=True), "model.qk_norm: True"),
     (dict(MODERN, qk_norm=True, bias=True), "model.bias: true with qk_norm"),
+    (dict(MODERN, value_embeds=True), "model.value_embeds: true"),
+    (dict(MODERN, unet_skips=True), "model.unet_skips: true"),
 ])
 def test_options_without_an_equivalent_are_refused_by_name(tmp_path, capsys, opts, named):
     save_checkpoint(tmp_path / "m.pt", ByteTokenizer(), **opts)

@@ -19,6 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SHAPES = {
     "gpt2": {},
     "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", qk_norm=True, bias=False),
+    "value_embeds+unet_skips": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False,
+                                    value_embeds=True, unet_skips=True),
 }
 
 

@@ -32,7 +32,8 @@ def test_tiny_config_builds():
 
 
 def small(**kw):
-    return GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=101, **kw)
+    return GPTConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32,
+                        "vocab_size": 101, **kw})
 
 
 def test_loss_at_init_is_uniform_guess():
@@ -68,6 +69,9 @@ def test_overfits_one_batch():
         {"pos_emb": "rope", "norm": "rmsnorm", "qk_norm": True, "mlp": "swiglu", "bias": False,
          "tie_embeddings": False},
         {"grad_checkpoint": True, "dropout": 0.1},
+        {"value_embeds": True},
+        {"unet_skips": True},
+        {"value_embeds": True, "unet_skips": True, "grad_checkpoint": True, "n_layer": 3},
     ],
 )
 def test_architecture_switches_train(opts):
@@ -79,6 +83,32 @@ def test_architecture_switches_train(opts):
     loss.backward()
     assert all(p.grad is not None for p in m.parameters())
     assert (m.lm_head.weight is m.transformer.wte.weight) == m.cfg.tie_embeddings
+
+
+def test_value_embeds_add_token_tables_but_no_flops_and_skips_join_mirrored_blocks():
+    plain, both = GPT(small(n_layer=5)), GPT(small(n_layer=5, value_embeds=True, unet_skips=True))
+    V, C = plain.cfg.padded_vocab, plain.cfg.n_embd
+    assert both.num_params() - plain.num_params() == 5 * V * C + 2  # 5 tables, 2 skip weights
+    assert both.flops_per_token() == plain.flops_per_token()
+    # block 4 reads block 0's input (the embeddings): its weight moves the logits
+    x = torch.randint(0, 101, (1, 8))
+    before, _ = both(x)
+    with torch.no_grad():
+        both.skip_weights[1] += 1.0
+    assert not torch.allclose(both(x)[0], before)
+    with pytest.raises(ValueError, match="unet_skips needs n_layer >= 2"):
+        small(n_layer=1, unet_skips=True)
+
+
+def test_chat_tokens_grow_every_token_table():
+    """Fine-tuning for chat appends two tokens: the value tables grow with the embedding."""
+    from src.training.init_from import grow_vocab
+
+    m = GPT(small(value_embeds=True, tie_embeddings=False))
+    grown = grow_vocab(m.state_dict(), m.cfg.padded_vocab + 64)
+    bigger = GPT(small(value_embeds=True, tie_embeddings=False, vocab_size=101 + 64))
+    bigger.load_state_dict(grown)  # every table has the new rows
+    assert torch.equal(grown["transformer.ve.1.weight"][:101], m.transformer.ve[1].weight[:101])
 
 
 def test_too_long_sequence_is_refused():

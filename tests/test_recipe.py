@@ -62,12 +62,31 @@ def test_embedding_lr_is_the_token_embeddings_own_undecayed_group(optimizer, tie
     assert opt.param_groups[-1]["lr"] == 0.025
 
 
-def test_embedding_lr_resumes_exactly(fast_cfg, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_value_embeds_learn_in_the_token_tables_group(optimizer):
+    from src.model.gpt import GPT
+    from src.training.config import load_config
+    from src.training.optim import build_optimizer
+
+    cfg = load_config(ROOT / "configs/tiny.yaml", [
+        f"training.optimizer={optimizer}", "data.vocab_size=300", "model.n_layer=2",
+        "model.value_embeds=true", "model.unet_skips=true"])
+    model = GPT(cfg.model)
+    groups = build_optimizer(model, cfg.training, "cpu").param_groups
+    tables = [model.transformer.wte.weight, *(e.weight for e in model.transformer.ve)]
+    assert groups[-1]["params"] == tables and groups[-1]["lr"] == cfg.training.embedding_lr
+    skip = [g for g in groups if any(p is model.skip_weights for p in g["params"])][0]
+    assert skip["weight_decay"] == 0.0 and skip.get("kind") != "muon"
+
+
+@pytest.mark.parametrize("options", [{}, {"model.value_embeds": True, "model.unet_skips": True}],
+                         ids=["plain", "value_embeds+unet_skips"])
+def test_embedding_lr_resumes_exactly(fast_cfg, tmp_path, options):
     from src import checkpoint as ckpt
     from src.training.trainer import train
 
     cfg = fast_cfg(**{"training.max_steps": 8, "training.optimizer": "muon",
-                      "training.embedding_lr": 0.05, "model.tie_embeddings": False})
+                      "training.embedding_lr": 0.05, "model.tie_embeddings": False, **options})
     train(cfg, data_root=tmp_path / "a", use_wandb=False, log=lambda *a: None)
     train(cfg, data_root=tmp_path / "b", use_wandb=False, log=lambda *a: None,
           resume=str(tmp_path / "a/checkpoints/tiny/step_4.pt"))

@@ -129,6 +129,26 @@ def test_checkpoint_of_another_shape_is_refused(fast_cfg, tmp_path):
               use_wandb=False, log=lambda *a: None)
 
 
+def test_a_checkpoint_from_before_a_shape_key_existed_takes_its_default(fast_cfg, tmp_path):
+    """A saved config without model.value_embeds/unet_skips (written before they existed) is a
+    model without them: it resumes as such, and a config that turns one on is refused by name."""
+    from src import checkpoint as ckpt
+
+    train(fast_cfg(**{"training.max_steps": 4}), data_root=tmp_path, use_wandb=False,
+          log=lambda *a: None)
+    path = tmp_path / "checkpoints/tiny/final.pt"
+    state = ckpt.load(path)
+    for k in ("value_embeds", "unet_skips"):
+        del state["config"]["model"][k]
+    ckpt.save(state, path)
+    with pytest.raises(SLMError, match=r"model.value_embeds=False there, True here"):
+        train(fast_cfg(**{"training.max_steps": 8, "model.value_embeds": True}),
+              data_root=tmp_path, use_wandb=False, log=lambda *a: None)
+    res = train(fast_cfg(**{"training.max_steps": 8}), data_root=tmp_path, use_wandb=False,
+                log=lambda *a: None)
+    assert res.step == 8
+
+
 def test_resume_from_a_given_path(fast_cfg, tmp_path):
     train(fast_cfg(**{"training.max_steps": 8}), data_root=tmp_path / "x", use_wandb=False, log=lambda *a: None)
     msgs = []

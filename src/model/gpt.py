@@ -8,7 +8,10 @@
 Defaults reproduce GPT-2 (learned positions, LayerNorm, GELU, tied embeddings, biases), so the
 124M/350M/774M/1.5B configs have GPT-2's parameter counts and export exactly to `transformers`.
 Switches: `pos_emb: rope`, `norm: rmsnorm`, `qk_norm: true`, `mlp: swiglu | relu2`,
-`tie_embeddings: false`, `bias: false`. Attention runs through `scaled_dot_product_attention`
+`tie_embeddings: false`, `bias: false`. Two more lower the loss per step of small models but have no
+`transformers` architecture to export to: `value_embeds: true` (each block adds a token table of its
+own to the attention values) and `unet_skips: true` (block n-1-i also reads block i's input, through
+a learned weight). Attention runs through `scaled_dot_product_attention`
 (flash attention on GPUs that have it). Generation uses a KV cache (`generate`).
 """
 
@@ -67,6 +70,15 @@ class GPTConfig(BaseModel):
     )
     mlp_ratio: float = Field(4.0, gt=0, description="feed-forward width / n_embd")
     tie_embeddings: bool = Field(True, description="share token embedding and output head")
+    value_embeds: bool = Field(
+        False, description="value embeddings: each block adds its own token table to the "
+        "attention values (n_layer x vocab x n_embd more parameters, no extra FLOPs; no "
+        "transformers export)"
+    )
+    unet_skips: bool = Field(
+        False, description="U-net skips: block n-1-i also reads block i's input through a "
+        "learned weight (no transformers export)"
+    )
     init_std: float = Field(0.02, gt=0, description="std of the normal weight init")
     grad_checkpoint: bool = Field(
         False, description="recompute activations in backward (less memory, ~30% slower)"
@@ -83,6 +95,8 @@ class GPTConfig(BaseModel):
             )
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("pos_emb: rope needs an even head size (n_embd / n_head)")
+        if self.unet_skips and self.n_layer < 2:
+            raise ValueError("unet_skips needs n_layer >= 2 (it joins block i to block n-1-i)")
         return self
 
     @property
@@ -108,7 +122,14 @@ class GPTConfig(BaseModel):
 # model.init_from only loads, into a model whose keys all agree.
 SHAPE_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "vocab_size", "pad_vocab_multiple",
               "pos_emb", "rope_theta", "norm", "qk_norm", "mlp", "mlp_ratio", "tie_embeddings",
-              "bias")
+              "bias", "value_embeds", "unet_skips")
+
+
+def shape_of(model_cfg: dict) -> dict:
+    """The shape keys of a saved `model:` section; a key that files written before it existed
+    lack takes its default (the computation those files had)."""
+    fields = GPTConfig.model_fields
+    return {k: model_cfg.get(k, fields[k].default) for k in SHAPE_KEYS}
 
 
 def _norm(cfg: GPTConfig, dim: int) -> nn.Module:
@@ -163,10 +184,12 @@ class Attention(nn.Module):
             self.q_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
             self.k_norm = nn.RMSNorm(cfg.head_dim, eps=1e-6)
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None):
+    def forward(self, x, rope=None, cache: KVCache | None = None, mask=None, ve=None):
         B, T, C = x.shape
         H, D = self.cfg.n_head, self.cfg.head_dim
         q, k, v = self.c_attn(x).split(C, dim=2)
+        if ve is not None:  # value embeddings: this block's token table, (B, T, C)
+            v = v + ve
         q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -211,8 +234,8 @@ class Block(nn.Module):
         self.ln_1, self.attn = _norm(cfg, cfg.n_embd), Attention(cfg, layer)
         self.ln_2, self.mlp = _norm(cfg, cfg.n_embd), MLP(cfg)
 
-    def forward(self, x, rope=None, cache=None, mask=None):
-        x = x + self.attn(self.ln_1(x), rope, cache, mask)
+    def forward(self, x, rope=None, cache=None, mask=None, ve=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, mask, ve)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -236,6 +259,11 @@ class GPT(nn.Module):
             freqs = torch.outer(torch.arange(cfg.block_size).float(), inv)  # (T, D/2)
             self.register_buffer("rope_cos", freqs.cos(), persistent=False)
             self.register_buffer("rope_sin", freqs.sin(), persistent=False)
+        if cfg.value_embeds:
+            self.transformer["ve"] = nn.ModuleList(nn.Embedding(V, cfg.n_embd)
+                                                   for _ in range(cfg.n_layer))
+        if cfg.unet_skips:  # one weight per pair (block i's input -> block n-1-i), starting at 1
+            self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
         self.lm_head = nn.Linear(cfg.n_embd, V, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.transformer.wte.weight
@@ -266,7 +294,7 @@ class GPT(nn.Module):
         no FLOPs); the attention term is PaLM's appendix-B estimate; forward+backward = 3x forward.
         """
         cfg, T = self.cfg, seq_len or self.cfg.block_size
-        skip = ("transformer.wte.", "transformer.wpe.", "lm_head.")
+        skip = ("transformer.wte.", "transformer.wpe.", "transformer.ve.", "lm_head.")
         n = sum(p.numel() for k, p in self.named_parameters() if p.dim() >= 2 and not k.startswith(skip))
         n += self.lm_head.weight.numel()
         return 6.0 * n + 12.0 * cfg.n_layer * T * cfg.n_embd
@@ -303,11 +331,7 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[pos], self.rope_sin[pos]  # (T, D/2) or (B, T, D/2)
             rope = (cos, sin) if pos.dim() == 1 else (cos[:, None], sin[:, None])
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
-            if self.cfg.grad_checkpoint and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(block, x, rope, use_reentrant=False)
-            else:
-                x = block(x, rope, cache, mask)
+        x = self._blocks(x, idx, rope, cache, mask)
         if cache is not None:
             cache.pos += T
         if last_only:
@@ -320,6 +344,24 @@ class GPT(nn.Module):
                 logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1
             )
         return logits, loss
+
+    def _blocks(self, x, idx, rope, cache, mask):
+        """The residual stream through every block (with value embeddings and U-net skips when
+        the config has them)."""
+        n, cfg = self.cfg.n_layer, self.cfg
+        skips = []  # unet_skips: the inputs of the first n // 2 blocks
+        for i, block in enumerate(self.transformer.h):
+            if cfg.unet_skips and i >= n - n // 2:
+                x = x + self.skip_weights[i - (n - n // 2)] * skips.pop()
+            elif cfg.unet_skips and i < n // 2:
+                skips.append(x)
+            ve = self.transformer.ve[i](idx) if cfg.value_embeds else None
+            if cfg.grad_checkpoint and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(block, x, rope, None, None, ve,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, rope, cache, mask, ve)
+        return x
 
     @torch.no_grad()
     def generate(

@@ -36,6 +36,12 @@ RMS_EPS, LN_EPS = 1e-6, 1e-5  # what src/model/gpt.py uses
 
 def architecture(cfg) -> str:
     """The transformers architecture that computes exactly what our model does, or SLMError."""
+    extra = [f"model.{k}: true" for k in ("value_embeds", "unet_skips") if getattr(cfg, k, False)]
+    if extra:
+        raise SLMError(
+            f"no transformers architecture matches this model: {' and '.join(extra)} "
+            "(no transformers model has them). Export the weights with --to safetensors instead"
+        )
     if cfg.pos_emb == "learned":
         want = (("norm", "layernorm"), ("mlp", "gelu"), ("qk_norm", False))
         bad = [f"model.{k}: {getattr(cfg, k)}" for k, ok in want if getattr(cfg, k) != ok]

@@ -23,8 +23,9 @@ import torch
 
 from src import checkpoint as ckpt
 from src.errors import SLMError
-from src.model.gpt import SHAPE_KEYS, GPTConfig
+from src.model.gpt import GPTConfig, shape_of
 from src.model.hf import GPT2_SIZES, HUB_ORG, from_hf, shape_from_hf
+from src.training.groups import is_token_embedding
 
 
 def read_hf_folder(path: str | Path, weights: bool = True) -> tuple[dict, dict]:
@@ -132,10 +133,10 @@ def _missing(src: str, root) -> str:
 
 
 def grow_vocab(sd: dict, vocab: int) -> dict:
-    """Embedding (and untied output) rows added up to vocab, set to the mean of the others."""
+    """Token-table (and untied output) rows added up to vocab, set to the mean of the others."""
     out = dict(sd)
-    for k in ("transformer.wte.weight", "lm_head.weight"):
-        if k in out and out[k].shape[0] < vocab:
+    for k in [k for k in out if is_token_embedding(k) or k == "lm_head.weight"]:
+        if out[k].shape[0] < vocab:
             w = out[k]
             extra = w.mean(0, keepdim=True).expand(vocab - w.shape[0], -1)
             out[k] = torch.cat([w, extra])
@@ -163,7 +164,7 @@ def resolve_init(cfg, tok, load_weights: bool = True, log=print, root=None) -> d
         shape = shape_from_hf(hf_cfg, f"model.init_from {src}")
     elif Path(src).expanduser().is_file():
         mc, slm_sd, slm_tok = _read_slm(Path(src).expanduser(), load_weights)
-        shape = {k: mc[k] for k in SHAPE_KEYS}
+        shape = shape_of(mc)
         if slm_tok is not None and tok.id not in (slm_tok if isinstance(slm_tok, list)
                                                   else [slm_tok]):
             raise SLMError(f"model.init_from {src}: that model was trained with another tokenizer "

@@ -30,7 +30,7 @@ from src.data.loader import BatchLoader, val_batches
 from src.data.prepare import prepare
 from src.errors import Interrupted, SLMError
 from src.eval.lm import evaluate
-from src.model.gpt import GPT, SHAPE_KEYS
+from src.model.gpt import GPT, SHAPE_KEYS, shape_of
 from src.paths import RunLayout
 from src.training import distributed as dist
 from src.training import memory
@@ -750,10 +750,10 @@ def _sync_step(loss_sum: torch.Tensor, got: int | None, elapsed: float, ctx) -> 
 
 
 def _check_compatible(cfg: Config, state: dict, tok_id: str, path: Path) -> None:
-    old = state.get("config", {}).get("model", {})
-    new = cfg.model.model_dump()
-    diff = [f"model.{k}={old.get(k)!r} there, {new.get(k)!r} here" for k in SHAPE_KEYS
-            if k in old and old.get(k) != new.get(k)]
+    saved = state.get("config", {}).get("model", {})
+    old, new = shape_of(saved), cfg.model.model_dump()
+    diff = [f"model.{k}={old[k]!r} there, {new[k]!r} here" for k in SHAPE_KEYS
+            if saved and old[k] != new[k]]
     if diff:
         raise SLMError(
             f"checkpoint {path} is from a different model shape ({'; '.join(diff)}); use the "
