@@ -171,6 +171,8 @@ def test_an_existing_file_is_kept_unless_force(tmp_path, capsys):
 @pytest.mark.parametrize("kind,opts,named", [
     ("char", {}, "char tokenizer"),
     ("bytes", dict(mlp="relu2"), "model.mlp: relu2"),
+    ("bytes", dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", value_embeds=True,
+                   unet_skips=True), "model.value_embeds: true and model.unet_skips: true"),
 ])
 def test_what_gguf_cannot_hold_is_refused_by_name(tmp_path, capsys, kind, opts, named):
     save_checkpoint(tmp_path / "m.pt", make_tokenizer(kind), **opts)
