@@ -131,30 +131,3 @@ def test_the_shipped_tiny_exports_exactly_to_gguf(tmp_path):
     ids = torch.tensor([tok.encode("def main(x):\n    return x")])
     assert type(hf).__name__ == "Qwen3ForCausalLM"
     torch.testing.assert_close(logits(hf, ids), ours(model, ids), atol=1e-4, rtol=0)
-
-
-def test_seq_warmup_trains_half_length_rows_then_resumes_exactly(fast_cfg, tmp_path, monkeypatch):
-    """training.seq_warmup: the first share of the run feeds the model each batch row cut in two
-    (the same tokens per step), then full rows; a run resumed inside the warm-up continues
-    exactly."""
-    from src import checkpoint as ckpt
-    from src.model.gpt import GPT
-    from src.training.trainer import train
-
-    seen, forward = [], GPT.forward
-
-    def spy(self, idx, *a, **kw):
-        if self.training:
-            seen.append(tuple(idx.shape))
-        return forward(self, idx, *a, **kw)
-
-    monkeypatch.setattr(GPT, "forward", spy)
-    cfg = fast_cfg(**{"training.max_steps": 8, "training.seq_warmup": 0.75})
-    B, T = cfg.training.batch_size, cfg.seq_len
-    train(cfg, data_root=tmp_path / "a", use_wandb=False, log=lambda *a: None)
-    assert seen == [(2 * B, T // 2)] * 6 + [(B, T)] * 2  # steps 0-5: progress < 0.75
-    train(cfg, data_root=tmp_path / "b", use_wandb=False, log=lambda *a: None,
-          resume=str(tmp_path / "a/checkpoints/tiny/step_4.pt"))
-    wa, wb = (ckpt.load(tmp_path / r / "checkpoints/tiny/final.pt")["model_state_dict"]
-              for r in "ab")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -62,10 +62,6 @@ class TrainingConfig(_Section):
         None, ge=1, description="global tokens per optimizer step; sets gradient accumulation"
     )
     seq_len: int | None = Field(None, ge=2, description="training sequence length (<= block_size)")
-    seq_warmup: float = Field(
-        0.0, ge=0, le=1, description="share of the run (by progress) trained on sequences half "
-        "as long: each batch row is cut in two, so the tokens per step stay the same"
-    )
     max_steps: int = Field(1000, ge=1, description="optimizer steps to train")
     max_tokens: int | None = Field(None, ge=1, description="stop after this many tokens")
     max_seconds: float | None = Field(None, gt=0, description="wall-clock budget in seconds")

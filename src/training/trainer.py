@@ -483,9 +483,7 @@ class Trainer:
     def step(self, sig) -> StepOut:
         """One optimizer step: accumulate micro-batches, clip, check, update."""
         t, s, accum = self.t, self.s, self.accum
-        progress = self.budget.progress(s.step, s.tokens)
-        factor = lr_factor(t, s.step, progress, s.schedule_from)
-        short = progress < t.seq_warmup  # sequence warm-up: half-length rows
+        factor = lr_factor(t, s.step, self.budget.progress(s.step, s.tokens), s.schedule_from)
         set_lr(self.optimizer, factor)
         loss_sum = torch.zeros((), device=self.dev)
         start = self._step_start(accum)
@@ -493,8 +491,6 @@ class Trainer:
             if start is not None and micro and sig.got is not None:
                 return self._abandon(start, loss_sum, factor, sig.got)
             x, y = self.loader.next_batch(self.dev)
-            if short:
-                x, y = _halve(x), _halve(y)
             dist.grad_sync(self.wrapped, micro == accum - 1)  # reduce on the last micro-step
             try:
                 loss_sum += self._forward_backward(x, y, accum)
@@ -751,12 +747,6 @@ def _sync_step(loss_sum: torch.Tensor, got: int | None, elapsed: float, ctx) -> 
     dist.all_reduce_sum(total)
     sig = signal.SIGTERM if term else signal.SIGINT if intr else None
     return total, sig, el
-
-
-def _halve(t: torch.Tensor) -> torch.Tensor:
-    """(B, T) -> (2B, T // 2): the same tokens as rows half as long (an odd T's last dropped)."""
-    B, T = t.shape
-    return t[:, : T - T % 2].reshape(2 * B, T // 2)
 
 
 def _check_compatible(cfg: Config, state: dict, tok_id: str, path: Path) -> None:
