@@ -217,6 +217,65 @@ def test_chat_data_mistakes_are_one_line_errors(tmp_path):
         chat.render(toklib.ByteTokenizer(), CONV)
 
 
+def test_chat_files_in_the_forms_people_have_read_the_same(tmp_path):
+    """A byte-order mark, CRLF line ends, gzip/xz compression, OpenAI's text parts and its
+    "developer" role all give the same conversations (and the same validation split)."""
+    import gzip
+    import lzma
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"},
+                          {"role": "assistant", "content": f"a{i}"}]} for i in range(40)]
+    lines = [json.dumps(r) for r in rows]
+    want = list(chat.conversations(str(_write(tmp_path / "plain.jsonl", "\n".join(lines))), 0.2))
+    assert 0 < sum(v for _, v in want) < 40
+    forms = {
+        "bom.jsonl": ("\ufeff" + "\n".join(lines)).encode(),
+        "crlf.jsonl": ("\r\n".join(lines) + "\r\n\r\n").encode(),
+        "z.jsonl.gz": gzip.compress("\n".join(lines).encode()),
+        "z.jsonl.xz": lzma.compress("\n".join(lines).encode()),
+    }
+    for name, data in forms.items():
+        (tmp_path / name).write_bytes(data)
+        assert list(chat.conversations(str(tmp_path / name), 0.2)) == want, name
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "a.jsonl.gz").write_bytes(forms["z.jsonl.gz"])
+    (folder / "notes.txt").write_text("not chat")
+    assert list(chat.conversations(str(folder), 0.2)) == want
+    parts = {"messages": [{"role": "developer", "content": "Be brief."},
+                          {"role": "user", "content": [{"type": "text", "text": "Hel"},
+                                                       {"type": "text", "text": "lo"}]},
+                          {"role": "assistant", "content": "Hi"}]}
+    (msgs, _), = chat.conversations(str(_write(tmp_path / "p.jsonl", json.dumps(parts))), 0.2)
+    assert msgs == [{"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"}]
+
+
+TRUNCATED_GZIP = b"\x1f\x8b\x08\x00\x00\x00\x00\x00"  # a gzip header and nothing more
+
+
+@pytest.mark.parametrize("data, says", [
+    (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}\n', "not UTF-8 text"),
+    (TRUNCATED_GZIP, "cannot be read"),
+    (b'{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}\n',
+     "z.jsonl:1: each message needs a role"),
+    (b'{"messages": [{"role": "tool", "content": "x"}]}\n', "z.jsonl:1: each message needs a role"),
+    (b'{"messages": [{"role": "user", "content": null}]}\n', "z.jsonl:1: each message needs a role"),
+    (b'[1, 2]\n', "z.jsonl:1: 'messages' must be a non-empty list"),
+    (b'\n\n{"messages": []}\n', "z.jsonl:3: 'messages' must be a non-empty list"),
+])
+def test_a_bad_chat_file_is_one_error_that_names_it(tmp_path, data, says):
+    f = tmp_path / ("z.jsonl.gz" if data is TRUNCATED_GZIP else "z.jsonl")
+    f.write_bytes(data)
+    with pytest.raises(SLMError, match=says):
+        list(chat.conversations(str(f), 0.1))
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
 def test_a_hugging_face_dataset_folder_is_read_as_chat(tmp_path):
     pytest.importorskip("datasets")
     _chat_file(tmp_path / "train.jsonl", n=20)

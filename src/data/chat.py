@@ -15,7 +15,7 @@ exported Hugging Face template (`CHAT_TEMPLATE`, the same text in Jinja) all fol
 mask is 1 on the assistant's content and the <|im_end|> that closes it, 0 elsewhere.
 
 Sources: JSON lines of {"messages": [{"role", "content"}, ...]} (OpenAI's and Hugging Face's
-format; a file or a folder of .jsonl files), `hf:<repo>[:<subset>]` (a dataset with a
+format; a file or a folder of .jsonl files, compressed or not), `hf:<repo>[:<subset>]` (a dataset with a
 `messages` column, read with the same code as text sources), or `python-stdlib`: a chat set generated from the
 standard library's sources (src/data/chatset.py). Conversations are packed whole into rows of
 seq_len tokens (padded with end-of-text, masked); one longer than a row is cut after its last
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -89,29 +90,71 @@ def _ids(tok) -> tuple[int, int]:
 
 
 def check(messages, where: str) -> list[dict]:
-    """messages as a list of {"role", "content"} dicts, or an SLMError naming where."""
+    """messages as a list of {"role", "content"} dicts, or an SLMError naming where.
+
+    OpenAI's forms are accepted too: content as a list of text parts (joined), and the
+    "developer" role (read as "system")."""
     if not isinstance(messages, list) or not messages:
         raise SLMError(f"{where}: 'messages' must be a non-empty list of {{role, content}}")
     out = []
     for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES \
-                or not isinstance(m.get("content"), str):
+        role = m.get("role") if isinstance(m, dict) else None
+        content = _text(m.get("content")) if isinstance(m, dict) else None
+        if role not in (*ROLES, "developer") or content is None:
             raise SLMError(f"{where}: each message needs a role ({', '.join(ROLES)}) and a "
-                           f"string content; got {str(m)[:80]}")
-        out.append({"role": m["role"], "content": m["content"]})
+                           f"content (a string, or a list of text parts); got {str(m)[:80]}")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
     return out
+
+
+def _text(content) -> str | None:
+    """A message's text: a string, or OpenAI's list of {"type": "text", "text"} parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and content and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content):
+        return "".join(p["text"] for p in content)
+    return None
 
 
 # ----------------------------------------------------------------------------- sources
 
 
+JSONL = (".jsonl", ".jsonl.gz", ".jsonl.bz2", ".jsonl.xz", ".jsonl.zst")
+
+
 def jsonl_files(source: str) -> list[Path]:
     p = Path(source).expanduser()
-    files = sorted(p.rglob("*.jsonl")) if p.is_dir() else [p] if p.is_file() else []
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*.jsonl*") if f.name.lower().endswith(JSONL))
+    else:
+        files = [p] if p.is_file() else []
     if not files:
         raise SLMError(f"data.source {source}: no chat file (.jsonl of {{\"messages\": [...]}} "
-                       "lines) there; see docs/chat.md")
+                       "lines, or .jsonl.gz/.bz2/.xz/.zst) there; see docs/chat.md")
     return files
+
+
+def _jsonl_rows(f: Path) -> Iterator[tuple[int, str, object]]:
+    """(line number, line, parsed row) of each non-blank line of a JSON-lines file."""
+    n = 0
+    try:
+        with sources.open_text(f) as fh:
+            for n, line in enumerate(fh, 1):
+                if n == 1:
+                    line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+                if not line.strip():
+                    continue
+                try:
+                    yield n, line, json.loads(line)
+                except ValueError as e:
+                    raise SLMError(f"{f}:{n}: not JSON ({e})") from None
+    except UnicodeDecodeError:
+        raise SLMError(f"{f}: not UTF-8 text (a bad byte after line {n}); convert the file with "
+                       "`iconv -f latin1 -t utf-8`") from None
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise SLMError(f"{f}: cannot be read ({e})") from None
 
 
 def conversations(source: str, val_fraction: float, split: str = "train"
@@ -126,17 +169,9 @@ def conversations(source: str, val_fraction: float, split: str = "train"
         yield from _hub_conversations(source, val_fraction, split)
         return
     for f in jsonl_files(source):
-        with open(f, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise SLMError(f"{f}:{n}: not JSON ({e})") from None
-                msgs = check(row.get("messages") if isinstance(row, dict) else None, f"{f}:{n}")
-                val = zlib.crc32(line.encode()) % 10_000 < val_fraction * 10_000
-                yield msgs, val
+        for n, line, row in _jsonl_rows(f):
+            msgs = check(row.get("messages") if isinstance(row, dict) else None, f"{f}:{n}")
+            yield msgs, zlib.crc32(line.encode()) % 10_000 < val_fraction * 10_000
 
 
 def _hub_conversations(source: str, val_fraction: float, split: str):
