@@ -2,12 +2,15 @@
 
     python bench/gpu_check.py                 # all checks on cuda:0
     python bench/gpu_check.py --skip smoke    # leave out a check (repeatable)
+    python bench/gpu_check.py --batch 16,64 --out docs/gpu.md   # MFU at two batch sizes; save
 
-Prints one table row per check: the bf16 path, the fp16 path with its grad scaler, which SDPA
-kernel runs (flash, memory-efficient, cuDNN or math), gpt_124m at T=1024 with torch.compile off
-and on (tokens/s and MFU against the GPU table's peak), KV-cache generation speed, a 50-step run
-stopped with SIGTERM and resumed (compared with an uninterrupted one), FSDP over the GPUs (2+),
-and `--smoke` on every shipped config. On a machine without CUDA it says so and exits 0.
+Prints one row per check as it finishes, then the table: the bf16 path, the fp16 path with its
+grad scaler, which SDPA kernel runs (flash, memory-efficient, cuDNN or math), gpt_124m at T=1024
+with torch.compile off and on (tokens/s and MFU against the GPU table's peak), where a compiled
+step's GPU time goes (matmuls, attention, fused element-wise kernels, optimizer, idle), KV-cache
+generation speed, slm's own training loop on gpt_124m (bf16, then fp16 with its scaler), a
+50-step run stopped with SIGTERM and resumed (compared with an uninterrupted one), FSDP over the
+GPUs (2+), and `--smoke` on every shipped config. On a machine without CUDA it says so and exits 0.
 
 The checks are plain functions of a device, so the tests run them on a CPU with small models.
 Put the table in docs/benchmarks.md with the GPU's name.
@@ -17,11 +20,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,6 +113,64 @@ def generation_speed(dev: torch.device, mcfg: GPTConfig, new_tokens: int = 64) -
     return new_tokens / (time.perf_counter() - t0)
 
 
+# what a kernel (CUDA) or an operator (CPU) does, by its name; the first match wins
+KINDS = (("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
+         ("matmul", re.compile(r"gemm|cutlass|nvjet|xmma|wgmma|cublas|aten::(mm|addmm|bmm)\b",
+                               re.I)),
+         ("optimizer", re.compile(r"adam|multi_tensor|foreach|muon", re.I)),
+         ("fused (triton)", re.compile(r"^triton_")))
+
+
+def kind_of(name: str) -> str:
+    return next((k for k, rx in KINDS if rx.search(name)), "other")
+
+
+def where_time_goes(dev: torch.device, mcfg: GPTConfig, batch: int, seq: int, dtype,
+                    steps: int = 5, compile_: bool = True) -> dict:
+    """Profile `steps` training steps (after two warm-up steps): each kind's share of the
+    device time, the idle share of the wall time, and the five longest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = GPT(mcfg).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
+    fwd = torch.compile(model) if compile_ else model
+    x = torch.randint(0, mcfg.vocab_size, (batch, seq + 1), device=dev)
+
+    def step():
+        with hw.autocast(dev, dtype)():
+            _, loss = fwd(x[:, :-1], x[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):
+        step()
+    _sync(dev)
+    cuda = dev.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(dev)
+        wall_us = (time.perf_counter() - t0) * 1e6
+    # kernels on CUDA (not the user annotations laid over them); operators on a CPU
+    events = [e for e in prof.key_averages() if (e.device_type.name == "CUDA") == cuda
+              and not getattr(e, "is_user_annotation", False) and "#" not in e.key
+              and not e.key.startswith("ProfilerStep")]
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    times = {e.key: getattr(e, attr) for e in events if getattr(e, attr) > 0}
+    busy = sum(times.values()) or 1.0
+    share: dict[str, float] = {}
+    for name, us in times.items():
+        share[kind_of(name)] = share.get(kind_of(name), 0.0) + us / busy
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:5]
+    return {"share": dict(sorted(share.items(), key=lambda kv: -kv[1])),
+            "idle": max(0.0, 1 - busy / wall_us) if cuda else None,
+            "step_ms": wall_us / steps / 1e3,
+            "top": [(name[:60], us / busy) for name, us in top]}
+
+
 def _cli(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
     return subprocess.Popen([sys.executable, str(ROOT / "train_local.py"), *args], cwd=ROOT,
@@ -120,24 +185,59 @@ def stop_and_resume(device: str, steps: int = 50, work: Path | None = None) -> R
 
     work = Path(work or tempfile.mkdtemp(prefix="gpu_check_"))
     args = ["--config", "configs/tiny.yaml", "--no-wandb", "--device", device,
-            "--training.max_steps", str(steps), "--training.max_seconds", "null",
-            "--training.checkpoint_every", "10", "--training.eval_every", "1000"]
-    for root in ("ref", "ref2"):  # two uninterrupted runs: the kernels' own nondeterminism
-        assert _cli([*args, "--data-root", str(work / root)]).wait() == 0, root
-    lay = RunLayout(work / "run", "tiny")
-    p = _cli([*args, "--data-root", str(work / "run")])
+            "--data-root", str(work), "--training.max_steps", str(steps),
+            "--training.max_seconds", "null", "--training.checkpoint_every", "10",
+            "--training.eval_every", "1000"]  # one data root: the data is prepared once
+    for name in ("ref", "ref2"):  # two uninterrupted runs: the kernels' own nondeterminism
+        assert _cli([*args, "--name", name]).wait() == 0, name
+    lay = RunLayout(work, "run")
+    p = _cli([*args, "--name", "run"])
     while not lay.step(20).exists() and p.poll() is None:
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
     code = p.wait()
-    assert _cli([*args, "--data-root", str(work / "run")]).wait() == 0
-    sds = [ckpt.load(RunLayout(work / r, "tiny").final)["model_state_dict"]
-           for r in ("ref", "ref2", "run")]
+    assert _cli([*args, "--name", "run"]).wait() == 0
+    sds = [ckpt.load(RunLayout(work, r).final)["model_state_dict"] for r in ("ref", "ref2", "run")]
     rerun = max(float((sds[0][k].float() - sds[1][k].float()).abs().max()) for k in sds[0])
     resumed = max(float((sds[0][k].float() - sds[2][k].float()).abs().max()) for k in sds[0])
     return ("stop + resume", "exact" if resumed == 0 else f"max |dw| {resumed:.2e}",
             f"{steps} steps, SIGTERM after step 20 (exit {code}); two uninterrupted runs "
             f"differ by {rerun:.2e} (the kernels' own nondeterminism)")
+
+
+def train_loop(device: str, work: Path, dtype: str = "bfloat16", steps: int = 60,
+               config: str = "configs/gpt_124m.yaml", extra: tuple[str, ...] = ()) -> Row:
+    """slm's own trainer (train_local.py) on `config` for `steps` steps at its configured batch,
+    on the embedded corpus with a byte tokenizer at GPT-2's padded vocabulary (no download):
+    the tokens/s and MFU it logs once compiled, and whether the loss went down."""
+    from src.paths import RunLayout
+    from src.training.metrics import read_metrics
+
+    name = f"loop-{Path(config).stem}-{dtype}"
+    args = ["--config", config, "--no-wandb", "--device", device, "--data-root", str(work),
+            "--name", name, "--data.source", "python-stdlib", "--data.tokenizer", "bytes",
+            "--model.vocab_size", "50304", "--training.dtype", dtype,
+            "--training.max_steps", str(steps), "--training.max_seconds", "null",
+            "--training.warmup_steps", "10", "--training.eval_every", "100000",
+            "--training.checkpoint_every", "100000", "--training.log_every", "10", *extra]
+    t0 = time.time()
+    p = subprocess.run([sys.executable, str(ROOT / "train_local.py"), *args], cwd=ROOT,
+                       capture_output=True, text=True,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"})
+    label = f"training loop {Path(config).stem} {dtype}"
+    if p.returncode != 0:
+        return (label, f"FAILED ({p.returncode})", (p.stdout + p.stderr)[-400:].replace("\n", " "))
+    rows = [r for r in read_metrics(RunLayout(work, name).metrics) if "train/loss" in r]
+    facts = {k: v for r in read_metrics(RunLayout(work, name).metrics) for k, v in r.items()
+             if k == "compiled"}
+    last, first = rows[-1], rows[0]
+    mfu = f", MFU {last['mfu']:.1%}" if last.get("mfu") else ""
+    mem = f", peak {last['memory/peak_gb']:.1f} GB" if last.get("memory/peak_gb") else ""
+    return (label, "ok" if last["train/loss"] < first["train/loss"] else "loss did not fall",
+            f"{last['tokens_per_sec']:,.0f} tok/s over steps {rows[-2]['step'] + 1}-"
+            f"{last['step']}{mfu}{mem}; loss {first['train/loss']:.2f} -> "
+            f"{last['train/loss']:.2f}; compiled {facts.get('compiled')}; "
+            f"{time.time() - t0:.0f} s in all")
 
 
 def fsdp_check(gpus: int, work: Path) -> Row:
@@ -155,18 +255,38 @@ def fsdp_check(gpus: int, work: Path) -> Row:
                                                  ": " + p.stdout[-300:].replace("\n", " ")))
 
 
-def smoke_all(device: str, work: Path) -> list[Row]:
-    """--smoke on every shipped config (a failure is a row, not a crash)."""
-    rows = []
-    for c in sorted((ROOT / "configs").glob("*.yaml")):
-        t0 = time.time()
-        p = subprocess.run([sys.executable, str(ROOT / "train_local.py"), "--config", str(c),
+def smoke_one(device: str, work: Path, config: Path, timeout: float = 900) -> Row:
+    """--smoke on one config; its run folder is deleted after (a 1B model's two checkpoints
+    with AdamW state take ~40 GB of disk)."""
+    t0 = time.time()
+    root = work / "smoke" / config.stem
+    try:
+        p = subprocess.run([sys.executable, str(ROOT / "train_local.py"), "--config", str(config),
                             "--smoke", "--no-wandb", "--device", device, "--data-root",
-                            str(work / "smoke")], cwd=ROOT, capture_output=True, text=True)
-        tail = (p.stdout + p.stderr).strip().splitlines()[-1:] or [""]
-        rows.append((f"--smoke {c.stem}", "ok" if p.returncode == 0 else "FAILED",
-                     f"{time.time() - t0:.0f} s; {tail[0][:120]}"))
-    return rows
+                            str(root)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return (f"--smoke {config.stem}", "TIMEOUT", f"over {timeout:.0f} s")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    lines = (p.stdout + p.stderr).strip().splitlines()
+    said = [ln.strip() for ln in lines if re.match(r"\s*(smoke rehearsal|error)", ln)]
+    return (f"--smoke {config.stem}", "ok" if p.returncode == 0 else "FAILED",
+            f"{time.time() - t0:.0f} s; " + " / ".join((said or lines)[-2:])[:300])
+
+
+def smoke_all(device: str, work: Path, jobs: int = 1) -> Iterator[Row]:
+    """--smoke on every shipped config, smallest model first, `jobs` at a time and the largest
+    alone (a failure is a row, not a crash)."""
+    from src.training.config import load_config
+
+    def size(c: Path) -> int:
+        m = load_config(c).model
+        return m.n_layer * m.n_embd ** 2
+
+    configs = sorted((ROOT / "configs").glob("*.yaml"), key=size)
+    with ThreadPoolExecutor(max(1, jobs)) as pool:  # the largest alone: its checkpoints' disk
+        yield from pool.map(lambda c: smoke_one(device, work, c), configs[:-1])
+    yield smoke_one(device, work, configs[-1])
 
 
 def gpt_124m(vocab: int = 50304) -> GPTConfig:
@@ -179,38 +299,51 @@ def _fmt(r: dict) -> str:
     return f"{r['tokens_per_sec']:,.0f} tok/s{mfu}{mem}, loss {r['loss']:.3f}"
 
 
-def checks(dev: torch.device, skip: set[str], work: Path) -> list[Row]:
-    """Every check on one CUDA device, in the order of the printed table."""
-    rows: list[Row] = []
+def _fmt_profile(p: dict) -> str:
+    idle = f"; GPU idle {p['idle']:.0%} of the wall time" if p["idle"] is not None else ""
+    return (f"{p['step_ms']:.1f} ms/step; " + ", ".join(f"{k} {v:.0%}" for k, v in
+                                                        p["share"].items()) + idle +
+            "; longest: " + ", ".join(f"{n} {v:.0%}" for n, v in p["top"][:3]))
+
+
+def checks(dev: torch.device, skip: set[str], work: Path, batches: tuple[int, ...] = (16,),
+           smoke_jobs: int = 1) -> Iterator[Row]:
+    """Every check on one CUDA device, in the order of the printed table, each row as it is
+    measured (a long check never hides the rows before it)."""
     small = GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=50304)
     bf16 = hw.native_bf16(dev)
     if "precision" not in skip:
         for dt in ((torch.bfloat16,) if bf16 else ()) + (torch.float16,):
             r = train_speed(dev, small, 8, 256, dt)
-            rows.append((f"{str(dt)[6:]} autocast", "ok" if r["loss"] == r["loss"] else "NaN",
-                         _fmt(r) + (" (GradScaler)" if dt == torch.float16 else "")))
+            yield (f"{str(dt)[6:]} autocast", "ok" if r["loss"] == r["loss"] else "NaN",
+                   _fmt(r) + (" (GradScaler)" if dt == torch.float16 else ""))
         if not bf16:
-            rows.append(("bfloat16 autocast", "no", "no native bf16 (compute capability < 8.0)"))
+            yield ("bfloat16 autocast", "no", "no native bf16 (compute capability < 8.0)")
     dtype = torch.bfloat16 if bf16 else torch.float16
     if "sdpa" not in skip:
         k = sdpa_kernels(dev, dtype)
         first = next((n for n, ok in k.items() if ok), "none")
-        rows.append(("SDPA kernel", first, ", ".join(f"{n} {'yes' if ok else 'no'}"
-                                                      for n, ok in k.items())))
+        yield ("SDPA kernel", first, ", ".join(f"{n} {'yes' if ok else 'no'}"
+                                                for n, ok in k.items()))
     if "mfu" not in skip:
-        for comp in (False, True):
-            r = train_speed(dev, gpt_124m(), 16, 1024, dtype, steps=20, compile_=comp)
-            rows.append((f"gpt_124m T=1024 compile {'on' if comp else 'off'}", "ok", _fmt(r)))
+        for b, comp in [(batches[0], False), *((b, True) for b in batches)]:
+            r = train_speed(dev, gpt_124m(), b, 1024, dtype, steps=20, compile_=comp)
+            yield (f"gpt_124m {b}x1024 compile {'on' if comp else 'off'}", "ok", _fmt(r))
+    if "profile" not in skip:
+        yield (f"gpt_124m {batches[0]}x1024 GPU time", "profiled",
+               _fmt_profile(where_time_goes(dev, gpt_124m(), batches[0], 1024, dtype)))
     if "generate" not in skip:
-        rows.append(("KV-cache generation", f"{generation_speed(dev, gpt_124m()):,.0f} tok/s",
-                     "gpt_124m, batch 1, fp32"))
+        yield ("KV-cache generation", f"{generation_speed(dev, gpt_124m()):,.0f} tok/s",
+               "gpt_124m, batch 1, fp32")
+    if "loop" not in skip:
+        yield train_loop(dev.type, work / "loop", "bfloat16" if bf16 else "float16")
+        yield train_loop(dev.type, work / "loop", "float16", steps=30)
     if "resume" not in skip:
-        rows.append(stop_and_resume(dev.type, work=work / "resume"))
+        yield stop_and_resume(dev.type, work=work / "resume")
     if "fsdp" not in skip:
-        rows.append(fsdp_check(torch.cuda.device_count(), work))
+        yield fsdp_check(torch.cuda.device_count(), work)
     if "smoke" not in skip:
-        rows += smoke_all(dev.type, work)
-    return rows
+        yield from smoke_all(dev.type, work, smoke_jobs)
 
 
 def table(rows: list[Row]) -> str:
@@ -222,8 +355,16 @@ def table(rows: list[Row]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--skip", action="append", default=[],
-                    choices=["precision", "sdpa", "mfu", "generate", "resume", "fsdp", "smoke"])
+                    choices=["precision", "sdpa", "mfu", "profile", "generate", "loop", "resume",
+                             "fsdp", "smoke"])
+    ap.add_argument("--batch", default="16",
+                    help="gpt_124m batch sizes (at T=1024) to measure compiled, comma-separated; "
+                         "the first is also measured eagerly and profiled (default 16)")
+    ap.add_argument("--smoke-jobs", type=int, default=1,
+                    help="--smoke runs at a time (default 1; they share the GPU)")
+    ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
     args = ap.parse_args(argv)
+    batches = tuple(int(b) for b in args.batch.split(","))
     if not torch.cuda.is_available():
         print("no CUDA GPU visible to PyTorch: bench/gpu_check.py checks GPU paths only; run it "
               "on a machine with an NVIDIA GPU (nothing was checked)")
@@ -231,11 +372,17 @@ def main(argv: list[str] | None = None) -> int:
     from common import header
 
     dev = torch.device("cuda")
-    print(header())
-    print(f"GPU: {torch.cuda.get_device_name(dev)} (peak {hw.peak_flops(dev) or 0:.3g} FLOP/s "
-          "from the GPU table)")
+    head = (f"{header()}\nGPU: {torch.cuda.get_device_name(dev)} (peak "
+            f"{hw.peak_flops(dev) or 0:.3g} FLOP/s from the GPU table)")
+    print(head, flush=True)
+    rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
-        print(table(checks(dev, set(args.skip), Path(work))))
+        for row in checks(dev, set(args.skip), Path(work), batches, args.smoke_jobs):
+            rows.append(row)
+            print(" | ".join(row), flush=True)
+            if args.out:
+                Path(args.out).write_text(f"{head}\n\n{table(rows)}\n", encoding="utf-8")
+    print(table(rows))
     return 0
 
 

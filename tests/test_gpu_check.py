@@ -46,3 +46,26 @@ def test_fsdp_needs_two_gpus(tmp_path):
 def test_without_cuda_it_says_so_and_exits_0(capsys):
     assert gpu_check.main([]) == 0
     assert "no CUDA GPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64", "matmul"),
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNT", "matmul"),
+    ("aten::addmm", "matmul"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits>",
+     "attention"),
+    ("fmha_cutlassF_bf16_aligned_64x64_rf_sm80", "attention"),  # a cutlass kernel, but attention
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
+     "optimizer"),
+    ("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0", "fused (triton)"),
+    ("Memcpy DtoD (Device -> Device)", "other"),
+])
+def test_kernels_are_sorted_by_what_they_do(name, kind):
+    assert gpu_check.kind_of(name) == kind
+
+
+def test_where_time_goes_adds_up(one_thread):
+    p = gpu_check.where_time_goes(CPU, SMALL, 2, 32, None, steps=2, compile_=False)
+    assert abs(sum(p["share"].values()) - 1) < 1e-6 and p["share"]["matmul"] > 0
+    assert p["step_ms"] > 0 and len(p["top"]) == 5 and p["idle"] is None
+    assert "matmul" in gpu_check._fmt_profile(p)
