@@ -100,17 +100,36 @@ def sdpa_kernels(dev: torch.device, dtype=torch.bfloat16, seq: int = 256) -> dic
     return out
 
 
+def sdpa_in_use(dev: torch.device, dtype=torch.bfloat16, seq: int = 256) -> str:
+    """The SDPA kernel PyTorch actually picks for slm's causal attention (forward and backward),
+    read from the aten operator it dispatches to: cuDNN, flash, memory-efficient or math."""
+    from torch.nn.functional import scaled_dot_product_attention
+    from torch.profiler import ProfilerActivity, profile
+
+    q = torch.randn(2, 12, seq, 64, device=dev, dtype=dtype, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        scaled_dot_product_attention(q, q, q, is_causal=True).float().sum().backward()
+        _sync(dev)
+    ops = " ".join(e.key for e in prof.key_averages() if "scaled_dot_product" in e.key)
+    for label, op in (("cuDNN", "cudnn_attention"), ("flash", "flash_attention"),
+                      ("memory-efficient", "efficient_attention")):
+        if op in ops:
+            return label
+    return "math"
+
+
 def generation_speed(dev: torch.device, mcfg: GPTConfig, new_tokens: int = 64) -> float:
     """New tokens/s of KV-cache generation from a one-token prompt (batch 1)."""
     torch.manual_seed(0)
     model = GPT(mcfg).to(dev).eval()
     idx = torch.zeros((1, 1), dtype=torch.long, device=dev)
-    model.generate(idx, 4, temperature=1.0, top_k=None)  # warm-up
+    for _ in model.generate(idx, 4, temperature=1.0):  # warm-up; generate yields each token
+        pass
     _sync(dev)
     t0 = time.perf_counter()
-    model.generate(idx, new_tokens, temperature=1.0, top_k=None)
+    made = sum(1 for _ in model.generate(idx, new_tokens, temperature=1.0))
     _sync(dev)
-    return new_tokens / (time.perf_counter() - t0)
+    return made / (time.perf_counter() - t0)
 
 
 # what a kernel (CUDA) or an operator (CPU) does, by its name; the first match wins
@@ -257,13 +276,22 @@ def fsdp_check(gpus: int, work: Path) -> Row:
 
 def smoke_one(device: str, work: Path, config: Path, timeout: float = 900) -> Row:
     """--smoke on one config; its run folder is deleted after (a 1B model's two checkpoints
-    with AdamW state take ~40 GB of disk)."""
+    with AdamW state take ~40 GB of disk). A config whose model.init_from names the run of a
+    shipped config (chat_tiny: tiny) starts from that config's smoke model, rehearsed first."""
+    from src.training.config import load_config
+
     t0 = time.time()
     root = work / "smoke" / config.stem
+    base = load_config(config).model.init_from
+    smoke = [sys.executable, str(ROOT / "train_local.py"), "--smoke", "--no-wandb", "--device",
+             device, "--data-root", str(root)]
     try:
-        p = subprocess.run([sys.executable, str(ROOT / "train_local.py"), "--config", str(config),
-                            "--smoke", "--no-wandb", "--device", device, "--data-root",
-                            str(root)], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        if base and (ROOT / "configs" / f"{base}.yaml").is_file():
+            subprocess.run([*smoke, "--config", str(ROOT / "configs" / f"{base}.yaml")], cwd=ROOT,
+                           capture_output=True, timeout=timeout)
+            smoke += ["--model.init_from", str(root / "models" / f"{base}-smoke_final.pt")]
+        p = subprocess.run([*smoke, "--config", str(config)], cwd=ROOT, capture_output=True,
+                           text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return (f"--smoke {config.stem}", "TIMEOUT", f"over {timeout:.0f} s")
     finally:
@@ -322,9 +350,8 @@ def checks(dev: torch.device, skip: set[str], work: Path, batches: tuple[int, ..
     dtype = torch.bfloat16 if bf16 else torch.float16
     if "sdpa" not in skip:
         k = sdpa_kernels(dev, dtype)
-        first = next((n for n, ok in k.items() if ok), "none")
-        yield ("SDPA kernel", first, ", ".join(f"{n} {'yes' if ok else 'no'}"
-                                                for n, ok in k.items()))
+        yield ("SDPA kernel", sdpa_in_use(dev, dtype), "the one torch picks; each alone: " +
+               ", ".join(f"{n} {'yes' if ok else 'no'}" for n, ok in k.items()))
     if "mfu" not in skip:
         for b, comp in [(batches[0], False), *((b, True) for b in batches)]:
             r = train_speed(dev, gpt_124m(), b, 1024, dtype, steps=20, compile_=comp)

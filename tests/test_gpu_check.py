@@ -31,9 +31,21 @@ def test_sdpa_kernels_name_the_ones_that_run():
     assert k["math"] is True
 
 
-def test_generation_speed_and_table(one_thread):
+def test_sdpa_in_use_names_the_kernel_torch_picks():
+    assert gpu_check.sdpa_in_use(CPU, torch.float32, seq=32) == "flash"  # flash_attention_for_cpu
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        assert gpu_check.sdpa_in_use(CPU, torch.float32, seq=32) == "math"
+
+
+def test_generation_speed_times_real_tokens(one_thread, monkeypatch):
+    calls = []
+    forward = gpu_check.GPT.forward
+    monkeypatch.setattr(gpu_check.GPT, "forward",
+                        lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
     tps = gpu_check.generation_speed(CPU, SMALL, new_tokens=8)
-    assert tps > 0
+    assert tps > 0 and len(calls) >= 8 + 4  # one forward per new token (and the warm-up's)
     text = gpu_check.table([("KV-cache generation", f"{tps:.0f} tok/s", "small")])
     assert text.splitlines()[0].startswith("| check") and "KV-cache generation" in text
 

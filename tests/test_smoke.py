@@ -9,7 +9,8 @@ import torch
 
 from src import checkpoint as ckpt
 from src.data.loader import BatchLoader
-from src.errors import Interrupted
+from src.errors import Interrupted, SLMError
+from src.model.gpt import GPT
 from src.paths import RunLayout
 from src.tools import smoke
 from src.training.config import load_config
@@ -84,3 +85,43 @@ def test_stop_between_micro_steps_keeps_the_last_completed_step(fast_cfg, tmp_pa
     res = train(fast_cfg(**kw), tmp_path / "run", "cpu", use_wandb=False, log=lambda *a: None)
     a, b = (ckpt.load(p)["model_state_dict"] for p in (ref.final_checkpoint, res.final_checkpoint))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture
+def small_model(fast_cfg, tmp_path):
+    """(config, model file) of a shrunk tiny.yaml rehearsed once: block_size 64, 2 layers."""
+    base = fast_cfg()
+    smoke.rehearse(base, tmp_path, "cpu", log=lambda *a: None)
+    return base, RunLayout(tmp_path, base.name + "-smoke").model_final
+
+
+def test_smoke_of_a_chat_config_that_starts_from_a_trained_model(small_model, tmp_path,
+                                                                  one_thread):
+    # chat_tiny as shipped (init_from a run, chat data): the rehearsal must sample chat data, not
+    # text, and keep the shape the source gives (its defaults would "disagree" with it)
+    base, source = small_model
+    cfg = load_config(ROOT / "configs" / "chat_tiny.yaml",
+                      {"model.init_from": str(source), "training.seq_len": 64})
+    said: list[str] = []
+    assert smoke.run_smoke(cfg, tmp_path, "cpu", log=said.append) == 0
+    text = "\n".join(said)
+    assert "smoke rehearsal passed" in text and "chat train:" in text
+    m = base.model
+    assert f"3 steps of {m.n_layer} layers x {m.n_embd} wide" in text  # the source's shape
+    flops = GPT(base.model.model_copy(update={"vocab_size": base.model_vocab})).flops_per_token(
+        cfg.seq_len)
+    assert f"{flops:.2e} FLOPs per token" in text  # the forecast is of that model, not 124M's
+
+
+def test_init_from_a_model_shorter_than_training_seq_len_is_refused(small_model, tmp_path,
+                                                                    one_thread):
+    _, source = small_model  # block_size 64; chat_tiny trains on 128-token sequences
+    cfg = load_config(ROOT / "configs" / "chat_tiny.yaml", {"model.init_from": str(source)})
+    with pytest.raises(SLMError, match=r"training.seq_len: 128 .* block_size .* 64 or less"):
+        train(cfg, tmp_path, "cpu", "never", False, log=lambda *a: None)
+
+
+def test_smoke_of_a_config_whose_init_from_run_is_not_trained_names_it(tmp_path):
+    cfg = load_config(ROOT / "configs" / "chat_tiny.yaml")
+    with pytest.raises(SLMError, match="model.init_from 'tiny'.*train that run first"):
+        smoke.run_smoke(cfg, tmp_path, "cpu", log=lambda *a: None)

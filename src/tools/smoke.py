@@ -31,7 +31,7 @@ from src.training.memory import MEMORY_SHARE, memory_estimate_gb
 from src.training.metrics import peak_rss_gb, read_metrics
 
 SMOKE_PARAMS = 100_000_000  # most parameters rehearsed: ~16 B each (weights, grads, AdamW)
-SMOKE_SEQ = 32  # tokens per sequence in the rehearsal (block_size, and so the shape, stay)
+SMOKE_SEQ = 32  # tokens per text sequence in the rehearsal (block_size, and so the shape, stay)
 SMOKE_BATCH = 1  # sequences per micro-step
 SMOKE_STEPS = 3  # optimizer steps; a checkpoint at step 2 is resumed to redo step 3
 SAMPLE_BYTES = 600_000  # text of the embedded corpus the rehearsal prepares
@@ -54,23 +54,35 @@ class Rehearsal:
 # ----------------------------------------------------------------------------- the plan
 
 
-def _sample_corpus(data_root: Path) -> Path:
-    """A fixed sample of the embedded corpus (the standard library's sources) as .txt files."""
+def _sample_corpus(data_root: Path, chat: bool = False) -> Path:
+    """A fixed sample of the embedded corpus (the standard library's sources) as .txt files, or,
+    for a chat config, of the embedded chat set as one .jsonl file."""
+    import json
+
+    from src.data.chatset import stdlib_chats
     from src.data.sources import stdlib_files
 
-    out = data_root / "smoke-corpus"
+    out = data_root / ("smoke-chats" if chat else "smoke-corpus")
     if out.is_dir() and any(out.iterdir()):
         return out
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    total = 0
-    for i, f in enumerate(stdlib_files()):
-        text = f.read_text(encoding="utf-8", errors="replace")
-        (tmp / f"{i:05d}.txt").write_text(text, encoding="utf-8")
+    if chat:
+        texts = (json.dumps({"messages": m}) + "\n" for m, _ in stdlib_chats())
+    else:
+        texts = (f.read_text(encoding="utf-8", errors="replace") for f in stdlib_files())
+    total, lines = 0, []
+    for i, text in enumerate(texts):
+        if chat:
+            lines.append(text)
+        else:
+            (tmp / f"{i:05d}.txt").write_text(text, encoding="utf-8")
         total += len(text)
         if total >= SAMPLE_BYTES:
             break
+    if chat:
+        (tmp / "chats.jsonl").write_text("".join(lines), encoding="utf-8")
     tmp.replace(out)
     return out
 
@@ -128,18 +140,24 @@ def plan(cfg: Config, data_root: Path, full: bool = False) -> tuple[Config, list
     full (on a GPU): the configured depth, batch and sequence; only steps and data shrink."""
     d = cfg.to_dict()
     notes = [_source_note(cfg.data.source)]
-    d["data"].update(source=str(_sample_corpus(data_root)), val_source=None)
+    d["data"].update(source=str(_sample_corpus(data_root, cfg.data.format == "chat")),
+                     val_source=None)
+    if cfg.model.init_from:  # the source fixes the shape: keep only the keys the config sets
+        d["model"] = cfg.model.model_dump(mode="json", include=cfg.model.model_fields_set)
+        notes.append(f"model.init_from {cfg.model.init_from}: the model keeps the shape it loads "
+                     "(no layers are left out)")
     _tokenizer_plan(d, notes)
     layers, n_full, _ = _depth(cfg)
     m, t = d["model"], d["training"]
-    if layers < cfg.model.n_layer and not full:
+    if layers < cfg.model.n_layer and not full and not cfg.model.init_from:
         notes.append(f"reduced: depth {cfg.model.n_layer} -> {layers} layers (width "
                      f"{cfg.model.n_embd}, heads and vocabulary as configured); the full "
                      f"{n_full / 1e6:.0f}M-parameter model needs ~{n_full * 16 / 2**30:.0f} GB for "
                      "fp32 weights, gradients and AdamW on a CPU")
         m["n_layer"] = layers
     accum = 2 if cfg.grad_accum() > 1 else 1
-    seq = cfg.seq_len if full else min(cfg.seq_len, SMOKE_SEQ)
+    # chat data keeps its sequence: a conversation cut to SMOKE_SEQ tokens has no answer left
+    seq = cfg.seq_len if full or cfg.data.format == "chat" else min(cfg.seq_len, SMOKE_SEQ)
     batch = cfg.training.batch_size if full else min(cfg.training.batch_size, SMOKE_BATCH)
     notes.append(f"reduced: batch {cfg.training.batch_size} x {cfg.seq_len} x "
                  f"{cfg.grad_accum()} accum -> {batch} x {seq} x {accum}; {SMOKE_STEPS} steps, "
@@ -177,7 +195,9 @@ def rehearse(cfg: Config, data_root: str | Path, device: str = "cpu", use_wandb:
     shutil.rmtree(layout.run_dir, ignore_errors=True)  # the rehearsal's own run, never a real one
     r = Rehearsal(scfg, notes)
     t0 = time.time()
-    train(scfg.model_copy(deep=True), data_root, device, "never", use_wandb, log=log)
+    ran = scfg.model_copy(deep=True)
+    train(ran, data_root, device, "never", use_wandb, log=log)
+    r.cfg = ran  # with model.init_from: the shape it loaded, for the summary and the forecast
     row3 = _step_row(layout, SMOKE_STEPS)
     r.loss = row3.get("train/loss")
     r.checkpoint_seconds = row3.get("checkpoint_seconds")  # the step-2 save (logged at step 3)
@@ -266,6 +286,8 @@ def run_smoke(cfg: Config, data_root: str | Path, device: str = "cpu", use_wandb
     if r.peak_gpu_gb is not None:
         log(f"measured on {device}: peak GPU memory {r.peak_gpu_gb:.1f} GB at the configured "
             f"batch" + (f", MFU {r.mfu:.0%} at step {SMOKE_STEPS}" if r.mfu else ""))
+    if cfg.model.init_from:  # the shape the source gave (never reduced) is the real run's
+        cfg = cfg.model_copy(update={"model": r.cfg.model})
     log(forecast_text(cfg, r.mfu, "measured in this smoke run, before warm-up ends: low")
         if r.mfu else forecast_text(cfg))
     return 0

@@ -283,7 +283,8 @@ def _cross_checks(cfg: Config) -> list[str]:
             f"training.seq_len: {t.seq_len} is longer than model.block_size {m.block_size}; "
             "lower seq_len or raise block_size"
         )
-    tok_vocab = cfg.tokenizer_vocab
+    # chat fine-tuning from model.init_from uses the source's tokenizer, not data.vocab_size's
+    tok_vocab = None if d.format == "chat" and m.init_from else cfg.tokenizer_vocab
     if m.vocab_size is not None and tok_vocab is not None and m.vocab_size < tok_vocab:
         errs.append(
             f"model.vocab_size: {m.vocab_size} is smaller than the {d.tokenizer} tokenizer's "

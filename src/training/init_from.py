@@ -203,6 +203,10 @@ def resolve_init(cfg, tok, load_weights: bool = True, log=print, root=None) -> d
                            f"{src}'s {vocab} tokens; remove the key")
         updates["pad_vocab_multiple"] = 1
     cfg.model = m = GPTConfig.model_validate({**m.model_dump(), **updates})
+    if (cfg.training.seq_len or 0) > m.block_size:
+        raise SLMError(f"training.seq_len: {cfg.training.seq_len} is longer than the "
+                       f"{m.block_size}-token block_size of model.init_from {src}; set "
+                       f"training.seq_len to {m.block_size} or less")
     if not load_weights:
         return None
     log(f"model.init_from {src}: {m.n_layer} layers, {m.n_embd} wide, vocab {m.vocab_size}")
