@@ -164,7 +164,7 @@ def plan(cfg: Config, data_root: Path, full: bool = False) -> tuple[Config, list
                  "eval on a few batches, one short sample")
     t.update(batch_size=batch, gradient_accumulation_steps=accum,
              batch_tokens=None, seq_len=seq, max_steps=SMOKE_STEPS, max_tokens=None,
-             max_seconds=None, warmup_steps=min(cfg.training.warmup_steps, 1),
+             max_seconds=None,  # warmup as configured: the real run's first steps
              eval_every=SMOKE_STEPS, eval_tokens=2 * batch * seq, log_every=1,
              checkpoint_every=2, keep_last=2, num_samples=min(cfg.training.num_samples, 1),
              sample_tokens=16, hellaswag_every=None)
