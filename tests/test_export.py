@@ -225,9 +225,13 @@ def test_init_from_checks_shape_and_tokenizer(tmp_path, corpus):
     cfg = fast_config(corpus, **{"model.init_from": "gpt2"})
     with pytest.raises(SLMError, match="needs data.tokenizer: gpt2"):
         resolve_init(cfg, ByteTokenizer())
-    cfg = fast_config(corpus, **{"model.init_from": str(tmp_path / "nothing")})
-    with pytest.raises(SLMError, match="not one of gpt2, gpt2-medium"):
-        resolve_init(cfg, ByteTokenizer())
+    cfg = fast_config(corpus, **{"model.init_from": "nothing"})  # a run name: which run
+    with pytest.raises(SLMError, match="not one of gpt2, gpt2-medium.*train that run first"):
+        resolve_init(cfg, ByteTokenizer(), root=tmp_path)
+    for path in (tmp_path / "nothing", tmp_path / "model.pt", "gone.safetensors"):  # a path
+        cfg = fast_config(corpus, **{"model.init_from": str(path)})
+        with pytest.raises(SLMError, match="no such file or folder"):
+            resolve_init(cfg, ByteTokenizer(), root=tmp_path)
 
 
 def test_gpt2_from_the_hub_fails_fast_offline(tmp_path, monkeypatch):

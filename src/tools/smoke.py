@@ -87,13 +87,14 @@ def _sample_corpus(data_root: Path, chat: bool = False) -> Path:
     return out
 
 
-def _source_note(source: str) -> str:
+def _source_note(source: str, chat: bool = False) -> str:
     """Whether data.source can be read from here (network sources: a 5 s probe)."""
     from src.data import sources as S
 
+    sample = "the embedded chat set" if chat else "the embedded corpus"
     if source == S.EMBEDDED:
         return f"data.source {source}: embedded, no network needed; the rehearsal prepares a " \
-               f"{SAMPLE_BYTES / 1e6:.1f} MB sample of it"
+               f"{SAMPLE_BYTES / 1e6:.1f} MB sample of {sample}"
     spec = S.expand(source)
     try:
         if S.is_hub(spec):
@@ -103,9 +104,9 @@ def _source_note(source: str) -> str:
         else:
             S.local_files(spec)
     except SLMError as e:
-        return f"notice: {str(e).split('. ')[0]}; the embedded corpus stands in for it"
-    return f"data.source {source}: reachable; the rehearsal still trains on a sample of the " \
-           "embedded corpus (reading the real source takes longer than a smoke run)"
+        return f"notice: {str(e).split('. ')[0]}; {sample} stands in for it"
+    return f"data.source {source}: reachable; the rehearsal still trains on a sample of " \
+           f"{sample} (reading the real source takes longer than a smoke run)"
 
 
 def _tokenizer_plan(d: dict, notes: list[str]) -> None:
@@ -139,7 +140,7 @@ def plan(cfg: Config, data_root: Path, full: bool = False) -> tuple[Config, list
     """The reduced config a rehearsal runs, and a line for each reduction or stand-in.
     full (on a GPU): the configured depth, batch and sequence; only steps and data shrink."""
     d = cfg.to_dict()
-    notes = [_source_note(cfg.data.source)]
+    notes = [_source_note(cfg.data.source, cfg.data.format == "chat")]
     d["data"].update(source=str(_sample_corpus(data_root, cfg.data.format == "chat")),
                      val_source=None)
     if cfg.model.init_from:  # the source fixes the shape: keep only the keys the config sets

@@ -126,6 +126,8 @@ def _read_slm(path: Path, weights: bool) -> tuple[dict, dict | None, str | None]
 
 
 def _missing(src: str, root) -> str:
+    if Path(src).suffix in (".pt", ".safetensors") or "/" in src or "\\" in src:
+        return f"model.init_from {src!r}: no such file or folder; check the path"
     where = f" nor a run with {Path(root) / 'models' / (src + '_final.pt')}" if root else ""
     return (f"model.init_from {src!r}: not one of {', '.join(GPT2_SIZES)} nor an existing path "
             f"(a Hugging Face model folder or an slm checkpoint){where}; train that run first "
