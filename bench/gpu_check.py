@@ -3,6 +3,7 @@
     python bench/gpu_check.py                 # all checks on cuda:0
     python bench/gpu_check.py --skip smoke    # leave out a check (repeatable)
     python bench/gpu_check.py --batch 16,64 --out docs/gpu.md   # MFU at two batch sizes; save
+    python bench/gpu_check.py --skip mfu --skip loop --configs chat_tiny   # a quick re-check
 
 Prints one row per check as it finishes, then the table: the bf16 path, the fp16 path with its
 grad scaler, which SDPA kernel runs (flash, memory-efficient, cuDNN or math), gpt_124m at T=1024
@@ -302,16 +303,20 @@ def smoke_one(device: str, work: Path, config: Path, timeout: float = 900) -> Ro
             f"{time.time() - t0:.0f} s; " + " / ".join((said or lines)[-2:])[:300])
 
 
-def smoke_all(device: str, work: Path, jobs: int = 1) -> Iterator[Row]:
-    """--smoke on every shipped config, smallest model first, `jobs` at a time and the largest
-    alone (a failure is a row, not a crash)."""
+def smoke_all(device: str, work: Path, jobs: int = 1,
+              names: tuple[str, ...] = ()) -> Iterator[Row]:
+    """--smoke on every shipped config (or those named), smallest model first, `jobs` at a time
+    and the largest alone (a failure is a row, not a crash)."""
     from src.training.config import load_config
 
     def size(c: Path) -> int:
         m = load_config(c).model
         return m.n_layer * m.n_embd ** 2
 
-    configs = sorted((ROOT / "configs").glob("*.yaml"), key=size)
+    configs = sorted((c for c in (ROOT / "configs").glob("*.yaml")
+                      if not names or c.stem in names), key=size)
+    if not configs:
+        return
     with ThreadPoolExecutor(max(1, jobs)) as pool:  # the largest alone: its checkpoints' disk
         yield from pool.map(lambda c: smoke_one(device, work, c), configs[:-1])
     yield smoke_one(device, work, configs[-1])
@@ -335,7 +340,7 @@ def _fmt_profile(p: dict) -> str:
 
 
 def checks(dev: torch.device, skip: set[str], work: Path, batches: tuple[int, ...] = (16,),
-           smoke_jobs: int = 1) -> Iterator[Row]:
+           smoke_jobs: int = 1, smoke_configs: tuple[str, ...] = ()) -> Iterator[Row]:
     """Every check on one CUDA device, in the order of the printed table, each row as it is
     measured (a long check never hides the rows before it)."""
     small = GPTConfig(n_layer=4, n_head=4, n_embd=256, block_size=256, vocab_size=50304)
@@ -370,7 +375,7 @@ def checks(dev: torch.device, skip: set[str], work: Path, batches: tuple[int, ..
     if "fsdp" not in skip:
         yield fsdp_check(torch.cuda.device_count(), work)
     if "smoke" not in skip:
-        yield from smoke_all(dev.type, work, smoke_jobs)
+        yield from smoke_all(dev.type, work, smoke_jobs, smoke_configs)
 
 
 def table(rows: list[Row]) -> str:
@@ -389,9 +394,16 @@ def main(argv: list[str] | None = None) -> int:
                          "the first is also measured eagerly and profiled (default 16)")
     ap.add_argument("--smoke-jobs", type=int, default=1,
                     help="--smoke runs at a time (default 1; they share the GPU)")
+    ap.add_argument("--configs", default="",
+                    help="--smoke only these shipped configs, comma-separated (default: all)")
     ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
     args = ap.parse_args(argv)
     batches = tuple(int(b) for b in args.batch.split(","))
+    names = tuple(n for n in args.configs.split(",") if n)
+    unknown = [n for n in names if not (ROOT / "configs" / f"{n}.yaml").is_file()]
+    if unknown:
+        ap.error(f"--configs: no configs/{unknown[0]}.yaml; shipped: "
+                 + ", ".join(sorted(c.stem for c in (ROOT / "configs").glob("*.yaml"))))
     if not torch.cuda.is_available():
         print("no CUDA GPU visible to PyTorch: bench/gpu_check.py checks GPU paths only; run it "
               "on a machine with an NVIDIA GPU (nothing was checked)")
@@ -404,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     print(head, flush=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as work:
-        for row in checks(dev, set(args.skip), Path(work), batches, args.smoke_jobs):
+        for row in checks(dev, set(args.skip), Path(work), batches, args.smoke_jobs, names):
             rows.append(row)
             print(" | ".join(row), flush=True)
             if args.out:

@@ -81,3 +81,16 @@ def test_where_time_goes_adds_up(one_thread):
     assert abs(sum(p["share"].values()) - 1) < 1e-6 and p["share"]["matmul"] > 0
     assert p["step_ms"] > 0 and len(p["top"]) == 5 and p["idle"] is None
     assert "matmul" in gpu_check._fmt_profile(p)
+
+
+def test_smoke_of_named_configs_only(tmp_path):
+    # chat_tiny starts from tiny's model: the check rehearses tiny first, in the same folder
+    rows = list(gpu_check.smoke_all("cpu", tmp_path, names=("chat_tiny",)))
+    assert [r[0] for r in rows] == ["--smoke chat_tiny"] and rows[0][1] == "ok", rows
+    assert not (tmp_path / "smoke" / "chat_tiny").exists()  # its folder is deleted after
+
+
+def test_unknown_smoke_config_is_refused_by_name(capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--configs", "tiny,gpt_9b"])
+    assert "configs/gpt_9b.yaml" in capsys.readouterr().err
