@@ -72,7 +72,7 @@ def cmd_train(args, extra) -> int:
     if args.dry_run:
         from src.tools.dryrun import describe
 
-        print(describe(cfg, args.device))
+        print(describe(cfg, args.device, args.data_root))
         return 0
     if args.smoke:
         from src.tools.smoke import run_smoke
@@ -211,7 +211,7 @@ def cmd_cost(args, extra) -> int:
     if args.metrics:
         mfu, source = measured_mfu(args.metrics), f"measured in {args.metrics}"
     print(f"{cfg.name}: {args.config}")
-    print(estimate_text(cfg, mfu=mfu, mfu_source=source))
+    print(estimate_text(cfg, mfu=mfu, mfu_source=source, root=getattr(args, "data_root", None)))
     return 0
 
 

@@ -157,3 +157,25 @@ def test_no_price_no_cost_column(fast_cfg, tmp_path, monkeypatch):
     assert res.step == 2  # a budget needs a price: without one it is ignored
     rows = (res.run_dir / "metrics.jsonl").read_text()
     assert "cost_usd" not in rows
+
+
+def test_estimates_price_the_model_that_init_from_loads(fast_cfg, tmp_path, one_thread):
+    # chat_tiny's own model keys are the defaults (GPT-2 small): priced as such, a fine-tune of a
+    # 1M-parameter model came out 70x too dear
+    from src import checkpoint as ckpt
+    from src.model.gpt import GPTConfig
+    from src.paths import RunLayout
+    from src.tools.dryrun import describe
+
+    base = fast_cfg(training__max_steps=2, training__num_samples=0)
+    train(base, tmp_path, "cpu", "never", False, log=lambda *a: None)
+    shape = ckpt.load(RunLayout(tmp_path, base.name).model_final)["config"]["model"]
+    cfg = load_config(ROOT / "configs" / "chat_tiny.yaml", {"model.init_from": base.name})
+    small = GPT(GPTConfig.model_validate(shape)).flops_per_token(cfg.seq_len)
+    e = cost.estimate(cfg, root=tmp_path)
+    assert e.flops_per_token == pytest.approx(small, rel=0.02) and e.note is None
+    text = describe(cfg, "cpu", tmp_path)
+    assert f"n_layer: {shape['n_layer']}" in text and f"{e.flops_per_token:.2e}" in text
+    away = cost.estimate(cfg, root=tmp_path / "elsewhere")  # the run is not on this machine
+    assert "not on this machine" in away.note and away.flops_per_token > 10 * small
+    assert "not on this machine" in cost.estimate_text(cfg, root=tmp_path / "elsewhere")

@@ -83,6 +83,7 @@ class Estimate:
     cpu: float = 0.0  # cores reserved per container
     memory_mib: int = 0  # MiB reserved per container
     reservation_per_hour: float = 0.0  # USD per hour for the CPU and memory of all containers
+    note: str | None = None  # model.init_from's source not here: the config's shape is priced
 
     @property
     def cost_per_hour(self) -> float:
@@ -119,8 +120,13 @@ def _model_flops(model_json: str, seq_len: int) -> float:
 
 
 def estimate(cfg, gpu: str | None = None, mfu: float | None = None,
-             mfu_source: str | None = None) -> Estimate:
-    """Expected hours and dollars of cfg on Modal (gpu defaults to cfg.modal.gpu)."""
+             mfu_source: str | None = None, root=None) -> Estimate:
+    """Expected hours and dollars of cfg on Modal (gpu defaults to cfg.modal.gpu). With
+    model.init_from, of the shape its source gives (a run name is looked up under root)."""
+    from src.paths import data_root
+    from src.training.init_from import with_source_shape
+
+    cfg, note = with_source_shape(cfg, data_root(root))
     gpu = gpu or cfg.modal.gpu
     kind, n = gpu_count(gpu, cfg.modal.nodes)
     t = cfg.training
@@ -151,7 +157,7 @@ def estimate(cfg, gpu: str | None = None, mfu: float | None = None,
         flops=flops, peak_tflops=peak, mfu=mfu, mfu_source=mfu_source or "given",
         hours=hours, cost_usd=hours * (price * n + extra),
         attempts=max(1, math.ceil(hours * 3600 / m.timeout)),
-        cpu=cores, memory_mib=mib, reservation_per_hour=extra,
+        cpu=cores, memory_mib=mib, reservation_per_hour=extra, note=note,
     )
 
 
@@ -162,8 +168,8 @@ def _hours(h: float) -> str:
 
 
 def estimate_text(cfg, gpu: str | None = None, mfu: float | None = None,
-                  mfu_source: str | None = None) -> str:
-    e = estimate(cfg, gpu, mfu, mfu_source)
+                  mfu_source: str | None = None, root=None) -> str:
+    e = estimate(cfg, gpu, mfu, mfu_source, root)
     m = cfg.modal
     nodes = f" x {m.nodes} nodes" if m.nodes > 1 else ""
     lines = [
@@ -179,6 +185,8 @@ def estimate_text(cfg, gpu: str | None = None, mfu: float | None = None,
         f"  time:            {_hours(e.hours)} ({e.hours * e.gpus:.1f} GPU-hours)",
         f"  cost:            ${e.cost_usd:,.2f} (plus container start-up and data preparation)",
     ]
+    if e.note:
+        lines.append(f"  note:            {e.note}")
     if e.attempts > 1:
         fits = e.attempts <= m.retries + 1
         lines.append(

@@ -9,7 +9,11 @@ from src.model.gpt import GPT
 from src.training.memory import memory_estimate_gb, memory_verdict
 
 
-def describe(cfg, device: str = "auto") -> str:
+def describe(cfg, device: str = "auto", root=None) -> str:
+    from src.paths import data_root
+    from src.training.init_from import with_source_shape
+
+    cfg, _ = with_source_shape(cfg, data_root(root))  # model.init_from: the shape it loads
     vocab_note = ""
     if cfg.model.vocab_size is None:  # char tokenizer: known after preparation
         cfg = cfg.model_copy(deep=True)
@@ -33,7 +37,7 @@ def describe(cfg, device: str = "auto") -> str:
     try:
         from src.tools.cost import estimate_text
 
-        lines.append(estimate_text(cfg))
+        lines.append(estimate_text(cfg, root=root))
     except ModuleNotFoundError:
         pass
     return "\n".join(lines)

@@ -125,6 +125,39 @@ def _read_slm(path: Path, weights: bool) -> tuple[dict, dict | None, str | None]
     return state["config"]["model"], state["model_state_dict"], tid
 
 
+def _read_source(src: str, weights: bool) -> tuple | None:
+    """(shape, HF state dict, slm state dict, slm tokenizer id(s)) of a resolved init_from
+    source, the state dicts None without weights; None when there is no such source here."""
+    path = Path(src).expanduser()
+    if src in GPT2_SIZES:
+        hf_cfg, hf_sd = read_hf_folder(fetch_gpt2(src)) if weights else (_gpt2_config(src), None)
+    elif path.is_dir():
+        hf_cfg, hf_sd = read_hf_folder(path, weights)
+    elif path.is_file():
+        mc, slm_sd, slm_tok = _read_slm(path, weights)
+        return shape_of(mc), None, slm_sd, slm_tok
+    else:
+        return None
+    return shape_from_hf(hf_cfg, f"model.init_from {src}"), hf_sd, None, None
+
+
+def with_source_shape(cfg, root=None) -> tuple:
+    """(cfg with the shape model.init_from's source gives, None) for estimates (--dry-run,
+    `slm cost`, launches), reading no weights; (cfg unchanged, a note) when the source is not on
+    this machine (a run trained elsewhere, on the Modal volume say)."""
+    if not cfg.model.init_from:
+        return cfg, None
+    src = source_path(cfg.model.init_from, root)
+    read = _read_source(src, False)
+    if read is None:
+        return cfg, (f"model.init_from {src} is not on this machine: the estimate uses the "
+                     "config's own model keys, not the shape that run will load")
+    m = cfg.model
+    shape = {k: v for k, v in read[0].items() if k not in m.model_fields_set or k == "vocab_size"}
+    return cfg.model_copy(update={"model": GPTConfig.model_validate({**m.model_dump(),
+                                                                      **shape})}), None
+
+
 def _missing(src: str, root) -> str:
     if Path(src).suffix in (".pt", ".safetensors") or "/" in src or "\\" in src:
         return f"model.init_from {src!r}: no such file or folder; check the path"
@@ -153,26 +186,16 @@ def resolve_init(cfg, tok, load_weights: bool = True, log=print, root=None) -> d
     tokenizer's. load_weights=False only sets the shape (resuming: the checkpoint has weights).
     """
     src, m = source_path(cfg.model.init_from, root), cfg.model
-    slm_sd, slm_tok = None, None
-    if src in GPT2_SIZES:
-        if tok.kind != "gpt2":
-            raise SLMError(f"model.init_from {src} needs data.tokenizer: gpt2 (GPT-2's weights "
-                           f"expect its 50257 token ids); this config uses {tok.kind}")
-        hf_cfg, hf_sd = (read_hf_folder(fetch_gpt2(src)) if load_weights
-                         else (_gpt2_config(src), None))
-        shape = shape_from_hf(hf_cfg, f"model.init_from {src}")
-    elif Path(src).expanduser().is_dir():
-        hf_cfg, hf_sd = read_hf_folder(Path(src).expanduser(), load_weights)
-        shape = shape_from_hf(hf_cfg, f"model.init_from {src}")
-    elif Path(src).expanduser().is_file():
-        mc, slm_sd, slm_tok = _read_slm(Path(src).expanduser(), load_weights)
-        shape = shape_of(mc)
-        if slm_tok is not None and tok.id not in (slm_tok if isinstance(slm_tok, list)
-                                                  else [slm_tok]):
-            raise SLMError(f"model.init_from {src}: that model was trained with another tokenizer "
-                           "than this config's data; use the same data.tokenizer and source")
-    else:
+    if src in GPT2_SIZES and tok.kind != "gpt2":
+        raise SLMError(f"model.init_from {src} needs data.tokenizer: gpt2 (GPT-2's weights "
+                       f"expect its 50257 token ids); this config uses {tok.kind}")
+    read = _read_source(src, load_weights)
+    if read is None:
         raise SLMError(_missing(src, root))
+    shape, hf_sd, slm_sd, slm_tok = read
+    if slm_tok is not None and tok.id not in (slm_tok if isinstance(slm_tok, list) else [slm_tok]):
+        raise SLMError(f"model.init_from {src}: that model was trained with another tokenizer "
+                       "than this config's data; use the same data.tokenizer and source")
 
     # chat tokens appended to a bytes/char/gpt2 vocab: the embedding grows
     grow = getattr(tok, "chat", False) and shape["vocab_size"] == tok.vocab_size - 2
