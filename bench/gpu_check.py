@@ -384,21 +384,38 @@ def table(rows: list[Row]) -> str:
     return "\n".join([*lines, *(f"| {a:<{w}} | {b} | {c} |" for a, b, c in rows)])
 
 
+def _batches(text: str) -> tuple[int, ...]:
+    """'16,64' -> (16, 64): positive whole numbers, or argparse's error naming the value."""
+    try:
+        out = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        out = ()
+    if not out or min(out) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive whole numbers, e.g. 16,64")
+    return out
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, 1 or more")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--skip", action="append", default=[],
                     choices=["precision", "sdpa", "mfu", "profile", "generate", "loop", "resume",
                              "fsdp", "smoke"])
-    ap.add_argument("--batch", default="16",
+    ap.add_argument("--batch", default="16", type=_batches,
                     help="gpt_124m batch sizes (at T=1024) to measure compiled, comma-separated; "
                          "the first is also measured eagerly and profiled (default 16)")
-    ap.add_argument("--smoke-jobs", type=int, default=1,
+    ap.add_argument("--smoke-jobs", type=_count, default=1,
                     help="--smoke runs at a time (default 1; they share the GPU)")
     ap.add_argument("--configs", default="",
                     help="--smoke only these shipped configs, comma-separated (default: all)")
     ap.add_argument("--out", default=None, help="also write the table (markdown) to this file")
     args = ap.parse_args(argv)
-    batches = tuple(int(b) for b in args.batch.split(","))
+    batches = args.batch
     names = tuple(n for n in args.configs.split(",") if n)
     unknown = [n for n in names if not (ROOT / "configs" / f"{n}.yaml").is_file()]
     if unknown:

@@ -94,3 +94,11 @@ def test_unknown_smoke_config_is_refused_by_name(capsys):
     with pytest.raises(SystemExit):
         gpu_check.main(["--configs", "tiny,gpt_9b"])
     assert "configs/gpt_9b.yaml" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--batch", "abc"], ["--batch", "16,0"], ["--smoke-jobs", "x"],
+                                  ["--smoke-jobs", "0"]])
+def test_bad_numbers_are_refused_by_flag(argv, capsys):
+    with pytest.raises(SystemExit):
+        gpu_check.main(argv)
+    assert argv[0] in capsys.readouterr().err
