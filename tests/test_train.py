@@ -15,6 +15,7 @@ from conftest import ROOT, fast_args, run_cli
 
 from src import checkpoint as ckpt
 from src.errors import SLMError
+from src.training.config import load_config
 from src.training.trainer import train
 
 
@@ -288,3 +289,14 @@ def test_memory_that_cannot_be_had_is_refused_wherever_training_starts(fast_cfg,
     assert "does NOT fit" in capsys.readouterr().out
     assert main(["train", "--config", "configs/tiny.yaml", "--dry-run"]) == 0
     assert "memory here:       fits" in capsys.readouterr().out
+
+
+def test_memory_check_weighs_the_model_init_from_loads(tmp_path, monkeypatch):
+    # chat_tiny sets no shape keys: GPT-2 small's defaults fit 8 GB, GPT-2 XL's 1.5B do not; the
+    # check must weigh the model the source gives (read from a table: no download)
+    from src.training import memory
+
+    monkeypatch.setattr(memory, "device_memory_gb", lambda device: 8.0)
+    cfg = load_config(ROOT / "configs" / "chat_tiny.yaml", {"model.init_from": "gpt2-xl"})
+    with pytest.raises(SLMError, match="does not fit"):
+        train(cfg, tmp_path, "cpu", "never", False, log=lambda *a: None)

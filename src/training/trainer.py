@@ -36,6 +36,7 @@ from src.training import distributed as dist
 from src.training import memory
 from src.training.budget import Budget
 from src.training.config import Config, config_from_dict
+from src.training.init_from import with_source_shape
 from src.training.lock import RunLock
 from src.training.metrics import Console, JsonlSink, Metrics, peak_rss_gb
 from src.training.optim import build_optimizer, lr_factor, set_lr
@@ -101,8 +102,8 @@ def _launch(cfg, layout, device, resume, use_wandb, on_checkpoint, log, cost_per
         torch.set_num_threads(cfg.training.threads)
     lock = None
     try:
-        if check_memory:  # before any data or model work
-            memory.check_memory(cfg, dev, ctx.world_size)
+        if check_memory:  # before any data or model work; model.init_from: the source's shape
+            memory.check_memory(with_source_shape(cfg, layout.root)[0], dev, ctx.world_size)
         state, state_path = None, None
         if ctx.master:
             lock = _take_lock(layout, resume, say)
