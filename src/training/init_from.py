@@ -113,7 +113,7 @@ def _read_slm(path: Path, weights: bool) -> tuple[dict, dict | None, str | None]
     if path.suffix == ".safetensors":
         cfg, sd, tok = ckpt.read_safetensors(path, weights)
         return cfg["model"], sd, tok.id
-    state = ckpt.load(path)
+    state = ckpt.load(path, mmap=not weights)  # shape only: the tensors are never read
     tid = state.get("tokenizer_id")
     if "tokenizer" in state:  # a chat tokenizer built on this one is the same tokenizer
         from src.data.tokenizer import from_dict, with_chat
@@ -122,7 +122,7 @@ def _read_slm(path: Path, weights: bool) -> tuple[dict, dict | None, str | None]
             tid = [tid, with_chat(from_dict(state["tokenizer"])).id]
         except SLMError:  # a bpe without chat tokens; gpt2's files offline
             pass
-    return state["config"]["model"], state["model_state_dict"], tid
+    return state["config"]["model"], state["model_state_dict"] if weights else None, tid
 
 
 def _read_source(src: str, weights: bool) -> tuple | None:
