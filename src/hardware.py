@@ -146,6 +146,16 @@ def native_bf16(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def emulated_bf16_warning(gpu_name: str, capability: tuple[int, int], dtype: str) -> str | None:
+    """A warning when training.dtype asks for bfloat16 on a GPU that only emulates it."""
+    if dtype != "bfloat16" or capability >= (8, 0):
+        return None
+    return (f"warning: training.dtype bfloat16 on {gpu_name} (compute capability "
+            f"{capability[0]}.{capability[1]}, bf16 needs 8.0) is emulated: no tensor cores, "
+            "several times slower, and torch.compile refuses it. training.dtype: auto picks "
+            "float16 with a gradient scaler on this GPU")
+
+
 def amp_dtype(device: torch.device, name: str = "auto") -> torch.dtype | None:
     """The autocast dtype for training.dtype on this device; None means plain float32.
 

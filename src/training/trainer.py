@@ -307,6 +307,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if fp16_cuda else None
         if self.dev.type == "cuda":  # TF32 tensor cores for what stays float32 (A100 and later)
             torch.set_float32_matmul_precision("high")
+            warn = hw.emulated_bf16_warning(torch.cuda.get_device_name(self.dev),
+                                            torch.cuda.get_device_capability(self.dev),
+                                            self.t.dtype)
+            if warn:
+                self.say(warn)
         if self.ctx.sharded and self.scaler is not None:
             raise SLMError("training.parallelism fsdp with float16 (this GPU has no bfloat16): "
                            "FSDP's shards cannot use the fp16 gradient scaler; use parallelism: "
