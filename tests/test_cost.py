@@ -171,6 +171,10 @@ def test_estimates_price_the_model_that_init_from_loads(fast_cfg, tmp_path, one_
     train(base, tmp_path, "cpu", "never", False, log=lambda *a: None)
     shape = ckpt.load(RunLayout(tmp_path, base.name).model_final)["config"]["model"]
     cfg = load_config(ROOT / "configs" / "chat_tiny.yaml", {"model.init_from": base.name})
+    with pytest.raises(SLMError, match="training.seq_len: 128 .* 64 or less"):
+        cost.estimate(cfg, root=tmp_path)  # chat_tiny's 128 tokens: more than the source takes
+    cfg = load_config(ROOT / "configs" / "chat_tiny.yaml",
+                      {"model.init_from": base.name, "training.seq_len": 64})
     small = GPT(GPTConfig.model_validate(shape)).flops_per_token(cfg.seq_len)
     e = cost.estimate(cfg, root=tmp_path)
     assert e.flops_per_token == pytest.approx(small, rel=0.02) and e.note is None

@@ -186,9 +186,11 @@ def rehearse(cfg: Config, data_root: str | Path, device: str = "cpu", use_wandb:
              log=print) -> Rehearsal:
     """Run the reduced config for SMOKE_STEPS steps, then resume its step-2 checkpoint and check
     that step 3 comes out the same. Raises SLMError when it does not."""
+    from src.training.init_from import with_source_shape
     from src.training.trainer import train
 
     data_root = Path(data_root)
+    with_source_shape(cfg, data_root, strict=True)  # model.init_from: refused before any work
     scfg, notes = plan(cfg, data_root, full=str(device).startswith("cuda"))
     for n in notes:
         log(n)

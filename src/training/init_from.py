@@ -141,21 +141,33 @@ def _read_source(src: str, weights: bool) -> tuple | None:
     return shape_from_hf(hf_cfg, f"model.init_from {src}"), hf_sd, None, None
 
 
-def with_source_shape(cfg, root=None) -> tuple:
-    """(cfg with the shape model.init_from's source gives, None) for estimates (--dry-run,
-    `slm cost`, launches), reading no weights; (cfg unchanged, a note) when the source is not on
-    this machine (a run trained elsewhere, on the Modal volume say)."""
+def with_source_shape(cfg, root=None, strict: bool = False) -> tuple:
+    """(cfg with the shape model.init_from's source gives, None), reading no weights: for the
+    checks before any data work and for estimates (--dry-run, `slm cost`, launches). A source
+    not on this machine (a run trained on the Modal volume, say) gives (cfg unchanged, a note),
+    or with strict the error training would meet later. A seq_len the source cannot take is
+    refused."""
     if not cfg.model.init_from:
         return cfg, None
     src = source_path(cfg.model.init_from, root)
     read = _read_source(src, False)
+    if read is None and strict:
+        raise SLMError(_missing(src, root))
     if read is None:
         return cfg, (f"model.init_from {src} is not on this machine: the estimate uses the "
                      "config's own model keys, not the shape that run will load")
     m = cfg.model
     shape = {k: v for k, v in read[0].items() if k not in m.model_fields_set or k == "vocab_size"}
-    return cfg.model_copy(update={"model": GPTConfig.model_validate({**m.model_dump(),
-                                                                      **shape})}), None
+    m = GPTConfig.model_validate({**m.model_dump(), **shape})
+    _check_seq_len(cfg, m, src)
+    return cfg.model_copy(update={"model": m}), None
+
+
+def _check_seq_len(cfg, m, src: str) -> None:
+    if (cfg.training.seq_len or 0) > m.block_size:
+        raise SLMError(f"training.seq_len: {cfg.training.seq_len} is longer than the "
+                       f"{m.block_size}-token block_size of model.init_from {src}; set "
+                       f"training.seq_len to {m.block_size} or less")
 
 
 def _missing(src: str, root) -> str:
@@ -228,10 +240,7 @@ def resolve_init(cfg, tok, load_weights: bool = True, log=print, root=None) -> d
                            f"{src}'s {vocab} tokens; remove the key")
         updates["pad_vocab_multiple"] = 1
     cfg.model = m = GPTConfig.model_validate({**m.model_dump(), **updates})
-    if (cfg.training.seq_len or 0) > m.block_size:
-        raise SLMError(f"training.seq_len: {cfg.training.seq_len} is longer than the "
-                       f"{m.block_size}-token block_size of model.init_from {src}; set "
-                       f"training.seq_len to {m.block_size} or less")
+    _check_seq_len(cfg, m, src)
     if not load_weights:
         return None
     log(f"model.init_from {src}: {m.n_layer} layers, {m.n_embd} wide, vocab {m.vocab_size}")

@@ -102,8 +102,11 @@ def _launch(cfg, layout, device, resume, use_wandb, on_checkpoint, log, cost_per
         torch.set_num_threads(cfg.training.threads)
     lock = None
     try:
-        if check_memory:  # before any data or model work; model.init_from: the source's shape
-            memory.check_memory(with_source_shape(cfg, layout.root)[0], dev, ctx.world_size)
+        # before any data or model work: model.init_from's source is here and takes seq_len,
+        # and the model it gives fits
+        shaped = with_source_shape(cfg, layout.root, strict=True)[0]
+        if check_memory:
+            memory.check_memory(shaped, dev, ctx.world_size)
         state, state_path = None, None
         if ctx.master:
             lock = _take_lock(layout, resume, say)
