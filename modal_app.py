@@ -698,12 +698,12 @@ def sweep_body(config: str = DEFAULT_CONFIG, grid: str = "", gpu: str = "", set:
         try:
             raw, cfg = resolve(config, gpu, [*split_set(set), *p.overrides, f"wandb.group={group}"],
                                name=p.name)
+            cost = estimate(cfg).cost_usd
         except SLMError as e:
             problems.append(f"{p.name}: {e}")
             continue
         if cfg.modal.nodes > 1:
             problems.append(f"{p.name}: sweep points run in one container each (modal.nodes: 1)")
-        cost = estimate(cfg).cost_usd
         total += cost
         log(f"  {p.name:<40} {cfg.modal.gpu:<10} ~${cost:,.2f}")
         jobs.append((p, raw, cfg))
@@ -855,6 +855,7 @@ def main(config: str = DEFAULT_CONFIG, gpu: str = "", set: str = "", name: str =
 
     try:
         raw, cfg = resolve(config, gpu, split_set(set), name)
+        cost_text = estimate_text(cfg)  # model.init_from: its source's shape, or its error
     except SLMError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -868,7 +869,7 @@ def main(config: str = DEFAULT_CONFIG, gpu: str = "", set: str = "", name: str =
             sys.exit(2)
     print(f"run {cfg.name} from {config}: {m.gpu}" + (f" x {m.nodes} nodes" if m.nodes > 1 else "")
           + f", {m.timeout} s per attempt, up to {m.retries} retries")
-    print(estimate_text(cfg))
+    print(cost_text)
     text = yaml.safe_dump(raw, sort_keys=False)
     opts = launch_options(m, wants_wandb_secret(cfg, wandb))
     if smoke:  # a rehearsal on the configured GPU, never a training run (docs/smoke.md)

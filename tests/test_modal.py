@@ -461,3 +461,17 @@ def test_the_launcher_and_slm_status_name_the_same_volume_and_lock_store():
     from src import paths
 
     assert modal_app.VOLUME_NAME == paths.VOLUME_NAME and modal_app.LOCK_DICT == paths.LOCK_DICT
+
+
+def test_sweep_refuses_a_point_its_init_from_source_cannot_take(monkeypatch, tmp_path, fast_cfg):
+    # chat_tiny from a 64-token model: the 128-token point is refused with the others' prices,
+    # before any data work or launch (the estimate reads the source's shape)
+    from src.training.trainer import train
+
+    monkeypatch.setenv("SLM_DATA_ROOT", str(tmp_path))
+    base = fast_cfg(training__max_steps=2, training__num_samples=0)
+    train(base, tmp_path, "cpu", "never", False, log=lambda *a: None)
+    with pytest.raises(SLMError, match=r"sweep: \S+: training.seq_len: 128 is longer than the 64"):
+        modal_app.sweep_body("configs/chat_tiny.yaml", grid="training.seq_len=64,128",
+                             set=f"model.init_from={base.name}")
+    assert not list((tmp_path / "datasets").glob("*chat*"))  # nothing prepared for the sweep
