@@ -49,10 +49,9 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def train_speed(dev: torch.device, mcfg: GPTConfig, batch: int, seq: int, dtype,
-                steps: int = 10, compile_: bool = False) -> dict:
-    """Tokens/s, MFU (None where the peak is unknown) and the last loss of AdamW steps on
-    random tokens, under autocast(dtype) (fp16: with a grad scaler)."""
+def _trainer(dev: torch.device, mcfg: GPTConfig, batch: int, seq: int, dtype, compile_: bool):
+    """(model, step): step() runs one AdamW step on fixed random tokens under autocast(dtype)
+    (fp16: with a grad scaler) and returns its loss."""
     torch.manual_seed(0)
     model = GPT(mcfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
@@ -60,11 +59,8 @@ def train_speed(dev: torch.device, mcfg: GPTConfig, batch: int, seq: int, dtype,
     scaler = torch.amp.GradScaler(dev.type) if dtype == torch.float16 else None
     ctx = hw.autocast(dev, dtype)
     x = torch.randint(0, mcfg.vocab_size, (batch, seq + 1), device=dev)
-    loss = None
-    for i in range(steps + 2):  # two warm-up steps (compilation, allocator) are not timed
-        if i == 2:
-            _sync(dev)
-            t0 = time.perf_counter()
+
+    def step():
         with ctx():
             _, loss = fwd(x[:, :-1], x[:, 1:])
         if scaler:
@@ -75,6 +71,22 @@ def train_speed(dev: torch.device, mcfg: GPTConfig, batch: int, seq: int, dtype,
             loss.backward()
             opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    return model, step
+
+
+def train_speed(dev: torch.device, mcfg: GPTConfig, batch: int, seq: int, dtype,
+                steps: int = 10, compile_: bool = False) -> dict:
+    """Tokens/s, MFU (None where the peak is unknown) and the last loss of AdamW steps on
+    random tokens, under autocast(dtype) (fp16: with a grad scaler)."""
+    model, step = _trainer(dev, mcfg, batch, seq, dtype, compile_)
+    for _ in range(2):  # two warm-up steps (compilation, allocator) are not timed
+        step()
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
     _sync(dev)
     tps = steps * batch * seq / (time.perf_counter() - t0)
     peak = hw.peak_flops(dev)
@@ -151,19 +163,7 @@ def where_time_goes(dev: torch.device, mcfg: GPTConfig, batch: int, seq: int, dt
     device time, the idle share of the wall time, and the five longest kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    torch.manual_seed(0)
-    model = GPT(mcfg).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
-    fwd = torch.compile(model) if compile_ else model
-    x = torch.randint(0, mcfg.vocab_size, (batch, seq + 1), device=dev)
-
-    def step():
-        with hw.autocast(dev, dtype)():
-            _, loss = fwd(x[:, :-1], x[:, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    _, step = _trainer(dev, mcfg, batch, seq, dtype, compile_)
     for _ in range(2):
         step()
     _sync(dev)

@@ -140,15 +140,18 @@ def mfu(tokens_per_sec: float, flops_per_token: float, peak_per_device: float | 
     return tokens_per_sec * flops_per_token / (peak_per_device * max(devices, 1))
 
 
+BF16_CAPABILITY = (8, 0)  # CUDA compute capability with bf16 in hardware (Ampere and later)
+
+
 def native_bf16(device: torch.device) -> bool:
     """bf16 in hardware: CUDA compute capability 8.0+ (Ampere). torch.cuda.is_bf16_supported()
     also counts emulation (a T4 says yes), which would train slowly and without tensor cores."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= BF16_CAPABILITY
 
 
 def emulated_bf16_warning(gpu_name: str, capability: tuple[int, int], dtype: str) -> str | None:
     """A warning when training.dtype asks for bfloat16 on a GPU that only emulates it."""
-    if dtype != "bfloat16" or capability >= (8, 0):
+    if dtype != "bfloat16" or tuple(capability) >= BF16_CAPABILITY:
         return None
     return (f"warning: training.dtype bfloat16 on {gpu_name} (compute capability "
             f"{capability[0]}.{capability[1]}, bf16 needs 8.0) is emulated: no tensor cores, "
