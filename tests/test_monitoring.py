@@ -34,7 +34,7 @@ def test_throughput_leaves_out_evaluation_and_checkpoints(fast_cfg, tmp_path):
     rows after it must still report the training steps' speed, and the time spent aside apart."""
     rows = _rows(fast_cfg, tmp_path, "tps", training__max_steps=24, training__eval_every=8,
                  training__checkpoint_every=8, training__log_every=4, training__batch_size=16,
-                 training__num_samples=4, training__sample_tokens=100)  # samples: eval time
+                 training__num_samples=4, training__sample_tokens=300)  # samples: eval time
     by_step = {r["step"]: r for r in rows}
     plain = [r["tokens_per_sec"] for r in rows if r["step"] in (4, 8, 16)]
     for before, after in ((8, 12), (16, 20)):
